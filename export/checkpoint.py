@@ -1,0 +1,493 @@
+"""Load the authors' checkpoint directories as they are.
+
+Formats (by ``model_type`` in config.json):
+
+* ``mod_llava_llama`` (gamma-MoD, LLaVA-HR layout): a ``mod`` dict; the shared router is stored
+  under one or several ``model.layers.{i}.router.weight`` keys; transformers-4.31 saves carry
+  ``rotary_emb.inv_freq`` buffers.
+* ``pmod_llava_llama`` (p-MoD): MoD layers wrap the Llama layer, so their keys are
+  ``model.layers.{i}.decoder_layer.*`` and ``model.layers.{i}.router.router.{weight,bias}``.
+* ``llava_llama`` (original LLaVA) and ``llava`` (the transformers port, old and new key
+  layouts): dense baselines. ``llama``: a language model alone.
+
+Key translation to the model's names is the short table in :func:`canonical_key`. Weights come
+from ``model.safetensors``, sharded safetensors with an index, or ``pytorch_model*.bin`` read
+with ``weights_only=True``. Every problem is a one-line :class:`GammamodError` naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gammamod.errors import GammamodError
+
+from . import recipes as rc
+from .model import DecoderConfig, MoDLlava, VisionSpec
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+FORMATS = {
+    "mod_llava_llama": "gamma-mod",
+    "pmod_llava_llama": "p-mod",
+    "llava_llama": "llava",
+    "llava": "llava-hf",
+    "llama": "llama",
+}
+
+# transformers' LlamaConfig defaults: the llava-hf configs spell out only what differs.
+LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+
+_IGNORED = (re.compile(r".*\.rotary_emb\.inv_freq$"), re.compile(r".*embeddings\.position_ids$"))
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    format: str  # gamma-mod | p-mod | llava | llava-hf | llama
+    config: dict
+    weight_files: list[Path]
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    if not path.is_file():
+        raise GammamodError(f"{path}: no such {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GammamodError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GammamodError(f"{path}: expected a JSON object")
+    return data
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise GammamodError(f"{ckpt}: not a checkpoint directory (expected a folder with config.json)")
+    config = read_json(ckpt / "config.json", "config.json (a checkpoint directory holds one)")
+    model_type = config.get("model_type")
+    if model_type not in FORMATS:
+        raise GammamodError(f"{ckpt / 'config.json'}: unknown model_type {model_type!r}, expected one of "
+                            f"{', '.join(FORMATS)}")
+    return CheckpointInfo(ckpt, FORMATS[model_type], config, weight_files(ckpt))
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = ckpt / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise GammamodError(f"{index}: expected a non-empty 'weight_map'")
+            files = sorted({ckpt / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise GammamodError(f"{f}: shard named in {index_name} is missing")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (ckpt / name).is_file():
+            return [ckpt / name]
+    shards = sorted(ckpt.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise GammamodError(f"{ckpt}: no weights found (expected model.safetensors, a sharded "
+                        "model.safetensors.index.json, or pytorch_model.bin)")
+
+
+def decoder_config(info: CheckpointInfo) -> DecoderConfig:
+    cfg = info.config
+    if info.format == "llava-hf":
+        cfg = {**LLAMA_DEFAULTS, **(cfg.get("text_config") or {})}
+    else:
+        cfg = {**LLAMA_DEFAULTS, **cfg}
+    where = info.path / "config.json"
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise GammamodError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported, expected silu (Llama)")
+    rope = cfg.get("rope_scaling") or {}
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", params.get("rope_type", "default")))
+    if kind not in ("default", "linear"):
+        raise GammamodError(f"{where}: rope scaling {kind!r} is not supported (expected none or linear)")
+    factor = float(rope.get("factor", params.get("factor", 1.0))) if kind == "linear" else 1.0
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return DecoderConfig(
+        vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads), rms_norm_eps=float(cfg["rms_norm_eps"]),
+        rope_theta=theta, rope_linear_factor=factor,
+        max_position_embeddings=int(cfg["max_position_embeddings"]),
+        attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def recipe_for(info: CheckpointInfo, num_layers: int) -> tuple[rc.Recipe, bool]:
+    """The checkpoint's recipe and whether its routers carry a bias."""
+    cfg, where = info.config, info.path / "config.json"
+    if info.format == "gamma-mod":
+        mod = cfg.get("mod")
+        if not isinstance(mod, dict):
+            raise GammamodError(f"{where}: model_type mod_llava_llama needs a 'mod' object "
+                                "(mod_mode, mod_layers_idx, capacity_factor)")
+        layers = rc.gamma_mod_layers(mod, num_layers)
+        if not layers:
+            raise GammamodError(f"{where}: mod config selects no MoD layer")
+        return rc.gamma_mod(layers, source={"mod": mod}), False
+    if info.format == "p-mod":
+        for key in ("mod_target_layers", "mod_weight_norm"):
+            if not isinstance(cfg.get(key), str):
+                raise GammamodError(f"{where}: p-MoD config needs the string field {key!r}")
+        token_type = cfg.get("mod_target_token_type", "vision_all")
+        if token_type != "vision_all":
+            raise GammamodError(f"{where}: mod_target_token_type {token_type!r} is not supported "
+                                "(expected vision_all: every image token routable)")
+        factor = float(cfg.get("mod_router_factor", 0.5))
+        schedule = rc.p_mod_schedule(cfg["mod_target_layers"], factor, num_layers)
+        listed = cfg.get("mod_target_layer_indices")
+        if listed is not None and sorted(listed) != sorted(schedule):
+            raise GammamodError(f"{where}: mod_target_layer_indices {listed} disagree with "
+                                f"mod_target_layers {cfg['mod_target_layers']!r} ({sorted(schedule)})")
+        source = {k: cfg.get(k) for k in ("mod_target_layers", "mod_target_token_type", "mod_router_factor",
+                                          "mod_weight_norm", "mod_bias_enabled")}
+        recipe = rc.p_mod(schedule, rc.ScoreNorm.parse(cfg["mod_weight_norm"]), source=source)
+        return recipe, bool(cfg.get("mod_bias_enabled", False))
+    return rc.dense(), False
+
+
+# --------------------------------------------------------------------------------------------
+# vision tower
+
+
+def _tower_config_from_dir(tower_dir: Path) -> dict:
+    cfg = read_json(tower_dir / "config.json", "vision tower config.json")
+    if "vision_config" in cfg:  # a full CLIPModel directory
+        cfg = cfg["vision_config"] or {}
+    model_type = cfg.get("model_type", "clip_vision_model")
+    if model_type not in ("clip_vision_model", "clip"):
+        raise GammamodError(f"{tower_dir / 'config.json'}: vision tower model_type {model_type!r} is not "
+                            "supported (expected a CLIP vision model)")
+    return _clip_fields(cfg)
+
+
+def _clip_fields(cfg: dict) -> dict:
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+            "patch_size", "num_channels", "layer_norm_eps", "hidden_act", "projection_dim")
+    defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    return {**defaults, **{k: cfg[k] for k in keep if k in cfg}}
+
+
+def _infer_tower_config(tensors: dict[str, torch.Tensor]) -> dict:
+    """A CLIP vision config from the shapes of the tower weights (heads of 64 channels, as in
+    every OpenAI CLIP ViT LLaVA uses)."""
+    p = "vision_model."
+    patch = tensors[p + "embeddings.patch_embedding.weight"]
+    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
+    n_pos = tensors[p + "embeddings.position_embedding.weight"].shape[0]
+    grid = int(round((n_pos - 1) ** 0.5))
+    layers = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(p + r"encoder\.layers\.(\d+)\.", k)))
+    inter = tensors[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    return _clip_fields(dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=max(1, hidden // 64), image_size=grid * patch_size,
+                             patch_size=patch_size, num_channels=channels))
+
+
+def default_image_processor(image_size: int) -> dict:
+    """CLIPImageProcessor settings of OpenAI's CLIP, which LLaVA inherits from its tower."""
+    return {"do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "do_convert_rgb": True}
+
+
+def _resolve_tower_dir(info: CheckpointInfo, vision_tower: str | os.PathLike | None) -> Path | None:
+    if vision_tower is not None:
+        d = Path(vision_tower)
+        if not (d / "config.json").is_file():
+            raise GammamodError(f"--vision-tower {d}: expected a local CLIP vision tower directory with config.json")
+        return d
+    name = info.config.get("mm_vision_tower") or info.config.get("vision_tower")
+    if not isinstance(name, str) or not name:
+        return None
+    for cand in (Path(name), info.path / name):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower) -> VisionSpec | None:
+    """How images reach the decoder, and where the tower comes from. None: language model only."""
+    cfg = info.config
+    has_projector = any(k.startswith("model.mm_projector.") for k in tensors)
+    if not has_projector:
+        if vision_tower is not None:
+            raise GammamodError(f"{info.path}: --vision-tower given, but the checkpoint has no multimodal "
+                                "projector (a language-model-only checkpoint)")
+        return None
+    tower_weights = {k[len("model.vision_tower.vision_tower."):]: v for k, v in tensors.items()
+                     if k.startswith("model.vision_tower.vision_tower.")}
+    if info.format == "llava-hf":
+        vcfg = cfg.get("vision_config") or {}
+        spec = VisionSpec(
+            projector_type="mlp2x_gelu", mm_hidden_size=int(vcfg.get("hidden_size", 1024)),
+            select_layer=int(cfg.get("vision_feature_layer", -2)),
+            select_feature="patch" if cfg.get("vision_feature_select_strategy", "default") == "default" else "cls_patch",
+            image_aspect_ratio="square")
+        spec.tower_config = _clip_fields({**dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=336, patch_size=14), **vcfg})
+        spec.tower_source = f"{info.path} (vision_config)"
+        proc = info.path / "preprocessor_config.json"
+        spec.image_processor = read_json(proc) if proc.is_file() else default_image_processor(
+            spec.tower_config["image_size"])
+        if spec.image_processor.get("do_pad"):
+            spec.image_aspect_ratio = "pad"
+        return spec
+
+    where = info.path / "config.json"
+    if cfg.get("mm_use_im_start_end"):
+        raise GammamodError(f"{where}: mm_use_im_start_end=true (image start/end tokens) is not supported")
+    merge = cfg.get("mm_patch_merge_type", "flat")
+    aspect = cfg.get("image_aspect_ratio", "square")
+    spec = VisionSpec(
+        projector_type=cfg.get("mm_projector_type", "linear"),
+        mm_hidden_size=int(cfg.get("mm_hidden_size", 1024)),
+        select_layer=int(cfg.get("mm_vision_select_layer", -1)),
+        select_feature=cfg.get("mm_vision_select_feature", "patch"),
+        image_aspect_ratio=aspect if aspect in ("pad", "square") else aspect)
+    if spec.select_feature not in ("patch", "cls_patch"):
+        raise GammamodError(f"{where}: mm_vision_select_feature {spec.select_feature!r}: expected patch or cls_patch")
+    unsupported = None
+    if cfg.get("is_multipath_encoder"):
+        unsupported = "the LLaVA-HR multi-path (CLIP + ConvNeXt) vision tower is not supported yet"
+    elif aspect not in ("pad", "square") or merge != "flat":
+        unsupported = f"image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (anyres) is not supported yet"
+    if unsupported:
+        spec.tower_source = unsupported
+        return spec
+
+    tower_dir = _resolve_tower_dir(info, vision_tower)
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if tower_dir is not None:
+        spec.tower_config = _tower_config_from_dir(tower_dir)
+        spec.tower_source = str(tower_dir)
+        proc = tower_dir / "preprocessor_config.json"
+        if not proc.is_file():
+            proc = info.path / "preprocessor_config.json"
+        if not tower_weights:
+            tower_weights.update(_read_tower_weights(tower_dir))
+            for k, v in tower_weights.items():
+                tensors["model.vision_tower.vision_tower." + k] = v
+                origin["model.vision_tower.vision_tower." + k] = (tower_dir, k)
+    elif tower_weights:
+        spec.tower_config = _infer_tower_config(tower_weights)
+        spec.tower_source = f"{info.path} (tower weights in the checkpoint, config inferred from shapes)"
+        proc = info.path / "preprocessor_config.json"
+    else:
+        spec.tower_source = (f"the checkpoint names vision tower {name!r}, which is not a local directory and "
+                             "cannot be downloaded here; pass --vision-tower DIR with a local copy "
+                             "(config.json and weights)")
+        return spec
+    spec.image_processor = read_json(proc) if proc.is_file() else default_image_processor(
+        spec.tower_config["image_size"])
+    return spec
+
+
+def _read_tower_weights(tower_dir: Path) -> dict[str, torch.Tensor]:
+    try:
+        files = weight_files(tower_dir)
+    except GammamodError:
+        raise GammamodError(f"{tower_dir}: the checkpoint holds no vision tower weights and this tower directory "
+                            "has none either (expected model.safetensors or pytorch_model.bin)") from None
+    out = {}
+    for f in files:
+        for k, v in read_tensors(f).items():
+            if k.startswith("vision_model."):
+                out[k] = v
+            elif k.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
+                out["vision_model." + k] = v  # saved by transformers 5, which dropped the prefix
+    if not out:
+        raise GammamodError(f"{tower_dir}: no 'vision_model.*' weights found")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one weight file (safetensors memory-mapped; .bin with weights_only=True)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # corrupt or foreign files: say which, in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GammamodError(f"{path}: cannot read weights ({msg})") from None
+
+
+def canonical_key(fmt: str, key: str) -> str:
+    """Checkpoint key -> model parameter name. The only renames there are."""
+    if fmt == "p-mod":
+        return re.sub(r"^(model\.layers\.\d+)\.decoder_layer\.", r"\1.", key)
+    if fmt == "llava-hf":
+        for old, new in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head."),
+                         ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                         ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                         ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                         ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                         ("model.vision_tower.", "model.vision_tower.vision_tower."),
+                         ("vision_tower.", "model.vision_tower.vision_tower.")):
+            if key.startswith(old):
+                return new + key[len(old):]
+    return key
+
+
+def checkpoint_key(fmt: str, name: str, mod_layers=()) -> str:
+    """Model parameter name -> key in the authors' layout (make-tiny writes these)."""
+    if fmt == "p-mod":
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) in mod_layers and not m.group(2).startswith("router."):
+            return f"model.layers.{m.group(1)}.decoder_layer.{m.group(2)}"
+    if fmt == "llava-hf":
+        for ours, theirs in (("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+                             ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+                             ("model.vision_tower.vision_tower.", "vision_tower."),
+                             ("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")):
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+    return name
+
+
+def _check_inv_freq(path: Path, key: str, value: torch.Tensor, cfg: DecoderConfig) -> None:
+    d = cfg.head_dim
+    expected = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)) / cfg.rope_linear_factor
+    if value.shape != expected.shape or not torch.allclose(value.float(), expected, rtol=1e-3):
+        raise GammamodError(f"{path}: {key} does not match rope_theta={cfg.rope_theta} and head_dim={d} "
+                            "from config.json (a rope scaling the config does not declare?)")
+
+
+def gather_weights(info: CheckpointInfo, cfg: DecoderConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor under its model name, with the (file, key) it came from."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, tuple[Path, str]] = {}
+    for f in info.weight_files:
+        for key, value in read_tensors(f).items():
+            if any(p.match(key) for p in _IGNORED):
+                if key.endswith("inv_freq"):
+                    _check_inv_freq(f, key, value, cfg)
+                continue
+            name = canonical_key(info.format, key)
+            if name in tensors:
+                raise GammamodError(f"{f}: key {key} appears twice (also in {origin[name][0]})")
+            tensors[name] = value
+            origin[name] = (f, key)
+    return tensors, origin
+
+
+def _fold_shared_router(info: CheckpointInfo, tensors: dict, origin: dict, recipe: rc.Recipe) -> None:
+    """gamma-MoD stores its one router under one or several MoD layers: check the copies agree."""
+    keys = [f"model.layers.{i}.router.weight" for i in recipe.mod_layers]
+    present = [k for k in keys if k in tensors]
+    if not present:
+        raise GammamodError(f"{info.weight_files[0]}: missing the shared gamma-MoD router: none of "
+                            f"{keys[0]} ... {keys[-1]} is stored")
+    first = tensors[present[0]]
+    for k in present[1:]:
+        if tensors[k].shape != first.shape or not torch.equal(tensors[k], first):
+            raise GammamodError(f"{origin[k][0]}: {k} differs from {present[0]}; gamma-MoD's router is one "
+                                "Linear shared by every MoD layer")
+    for k in keys:
+        tensors[k] = first
+        origin.setdefault(k, origin[present[0]])
+
+
+def load_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
+                    dtype: torch.dtype = torch.float32) -> MoDLlava:
+    """Load a gamma-MoD, p-MoD or LLaVA checkpoint directory into a :class:`MoDLlava`.
+
+    ``vision_tower`` is a local CLIP directory, used when the checkpoint's tower is not a local
+    path (original LLaVA checkpoints name a hub id). The tower weights come from the checkpoint
+    when it holds them. A checkpoint without projector or tower loads as a language model; image
+    input is then refused with the reason in ``model.vision.tower_source``.
+    """
+    info = inspect_checkpoint(path)
+    cfg = decoder_config(info)
+    recipe, router_bias = recipe_for(info, cfg.num_layers)
+    tensors, origin = gather_weights(info, cfg)
+    if recipe.router == "shared-binary":
+        _fold_shared_router(info, tensors, origin, recipe)
+    vision = vision_spec(info, tensors, origin, vision_tower)
+    if vision is not None and not vision.has_tower:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("model.vision_tower.")}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+
+    with torch.device("meta"):
+        model = MoDLlava(cfg, recipe, vision, router_bias)
+    expected = dict(model.state_dict(keep_vars=True))
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise GammamodError(f"{origin[extra[0]][0]}: unexpected key {origin[extra[0]][1]} "
+                            f"({len(extra)} unexpected in all) for a {info.format} checkpoint")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise GammamodError(f"{info.path}: missing key {_orig_key(info, missing[0], recipe)} "
+                            f"({len(missing)} missing in all)")
+    state = {}
+    for name, param in expected.items():
+        value = tensors[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise GammamodError(f"{origin[name][0]}: {origin[name][1]} has shape {list(value.shape)}, "
+                                f"expected {list(param.shape)} from config.json")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise GammamodError(f"{origin[name][0]}: {origin[name][1]} holds NaN or inf values")
+        state[name] = value.to(dtype) if value.is_floating_point() else value
+    model.load_state_dict(state, assign=True, strict=True)
+    _materialize_buffers(model)
+    if recipe.router == "shared-binary":  # assign=True gave each layer its own copy: share again
+        shared = model.model.layers[recipe.mod_layers[0]].router
+        for i in recipe.mod_layers:
+            model.model.layers[i].router = shared
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    model.source = {"path": str(info.path), "format": info.format, "config": info.config,
+                    "weight_files": [str(f) for f in info.weight_files]}
+    return model
+
+
+def _materialize_buffers(model: MoDLlava) -> None:
+    """Non-persistent buffers are not in the checkpoint; the model was built on the meta device."""
+    for module_name, module in model.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "position_ids" and hasattr(module, "num_positions"):  # CLIP embeddings
+                module.register_buffer(name, torch.arange(module.num_positions).expand((1, -1)), persistent=False)
+            else:
+                raise RuntimeError(f"buffer {module_name}.{name} was not materialised after loading")
+
+
+def _orig_key(info: CheckpointInfo, name: str, recipe: rc.Recipe) -> str:
+    return checkpoint_key(info.format, name, recipe.mod_layers)

@@ -1,0 +1,518 @@
+"""A compact LLaVA (CLIP tower -> mlp2x_gelu projector -> Llama decoder) with Mixture-of-Depths layers.
+
+Parameter names mirror the LLaVA checkpoint keys (``model.layers.3.self_attn.q_proj.weight``,
+``model.mm_projector.0.weight``, ``model.vision_tower.vision_tower.vision_model...``,
+``lm_head.weight``), so loading is a plain state-dict load after the small, documented key
+translation in ``checkpoint.py``.
+
+There is one decoder layer class. Whether and how it routes is read from the
+:class:`~gammamod.export.recipes.Recipe`; a :class:`Step` says how this call routes:
+
+* ``reference``: the authors' released inference, data-dependent, batch size 1;
+* ``static``: a fixed kept count per MoD layer for a fixed routable span (what the ONNX export
+  traces), any batch size, each row routed independently;
+* ``dense``: routers ignored.
+
+Every layer keeps its own KV cache and its own length per row: a MoD layer caches only the
+tokens it processed, and a gamma-MoD layer that the decode gate skips appends nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import routing as R
+from .recipes import Recipe
+
+ROUTING_MODES = ("reference", "static", "dense")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class DecoderConfig:
+    """Llama decoder geometry, read from the checkpoint's config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class VisionSpec:
+    """How image features reach the decoder (LLaVA's mm_* config fields)."""
+
+    projector_type: str = "mlp2x_gelu"
+    mm_hidden_size: int = 1024
+    select_layer: int = -2
+    select_feature: str = "patch"  # patch | cls_patch
+    image_aspect_ratio: str = "pad"  # pad | square
+    tower_config: dict | None = None  # CLIPVisionConfig fields; None: no vision tower loaded
+    tower_source: str = ""  # where the tower came from, for messages and the manifest
+    image_processor: dict = field(default_factory=dict)
+
+    @property
+    def has_tower(self) -> bool:
+        return self.tower_config is not None
+
+    @property
+    def image_tokens(self) -> int:
+        cfg = self.tower_config or {}
+        grid = cfg.get("image_size", 336) // cfg.get("patch_size", 14)
+        return grid * grid + (1 if self.select_feature == "cls_patch" else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float, linear_factor: float,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, head_dim] for integer positions [B, T] (Llama's rotate-half RoPE)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))
+    inv_freq = inv_freq / linear_factor
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """Project and rotate: q [B, H, T, d], k and v [B, Hkv, T, d]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ScalarRouter(nn.Module):
+    """p-MoD's ``TokenRouter``: ``router.router`` is Linear(hidden, 1) (bias if ``mod_bias_enabled``)."""
+
+    def __init__(self, hidden: int, bias: bool):
+        super().__init__()
+        self.router = nn.Linear(hidden, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router(x).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-call routing context and the KV cache
+
+
+@dataclass
+class Step:
+    """What one forward call over a chunk of tokens needs to know, shared by all layers.
+
+    ``span`` is the routable span (start, length) inside this chunk, or None when the chunk
+    holds no routable token (decode steps, later text turns). ``valid`` is the number of real
+    (non-padding) tokens per row; padding sits at the end of a row.
+    """
+
+    routing: str
+    kv: "KVStore"
+    past_length: torch.Tensor  # [B] tokens every dense layer has seen before this chunk
+    valid: torch.Tensor  # [B]
+    span: tuple[int, int] | None = None
+    capacity: dict[int, int] = field(default_factory=dict)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # out: kept indices per MoD layer
+
+
+class KVStore:
+    """What a decoder layer needs from a KV cache: append-and-attend, and per-row lengths."""
+
+    def length(self, layer: int) -> torch.Tensor:  # [B]
+        raise NotImplementedError
+
+    def attend(self, layer: int, q, k, v, count: torch.Tensor) -> torch.Tensor:
+        """Append the first ``count[b]`` of the T new k/v rows of row b, attend causally over the
+        layer's cache plus the new tokens, and return the attention output [B, H, T, d]."""
+        raise NotImplementedError
+
+
+class KVCache(KVStore):
+    """Eager PyTorch cache: one preallocated buffer per layer, written in place, grown by doubling.
+
+    Each layer keeps its own length per row: MoD layers hold fewer entries, and a gamma-MoD
+    decode step the gate skips appends nothing to that layer.
+    """
+
+    def __init__(self, cfg: DecoderConfig, batch: int, dtype: torch.dtype, device=None, capacity: int = 64):
+        self.cfg = cfg
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.lengths = torch.zeros(cfg.num_layers, batch, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # tokens of the sequence
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[1]
+
+    def length(self, layer: int) -> torch.Tensor:
+        return self.lengths[layer]
+
+    def _reserve(self, layer: int, needed: int) -> None:
+        cap = self.keys[layer].shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+        for store in (self.keys, self.values):
+            old = store[layer]
+            grown = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
+            grown[:, :, :cap] = old
+            store[layer] = grown
+
+    def attend(self, layer: int, q, k, v, count):
+        cfg = self.cfg
+        b, _, t, d = k.shape
+        start = self.lengths[layer]  # [B]
+        if bool((start == 0).all()) and bool((count == t).all()):
+            # First chunk, no padding: plain causal attention over the new tokens (fused SDPA).
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+            self._reserve(layer, t)
+            self.keys[layer][:, :, :t] = k
+            self.values[layer][:, :, :t] = v
+        else:
+            end = int((start + t).max())
+            self._reserve(layer, end)
+            slots = (start[:, None] + torch.arange(t, device=k.device))  # [B, T]
+            index = slots[:, None, :, None].expand(b, k.shape[1], t, d)
+            keys, values = self.keys[layer], self.values[layer]
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
+            # query t of row b sits at slot start[b] + t and sees slots 0..start[b] + t
+            allowed = torch.arange(end, device=k.device)[None, None, :] <= slots[:, :, None]
+            attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end],
+                                                  attn_mask=allowed[:, None],
+                                                  enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+        self.lengths[layer] += count
+        return attn
+
+
+# --------------------------------------------------------------------------------------------
+# the decoder layer: one implementation, routed by the recipe
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int, recipe: Recipe, router: nn.Module | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.recipe = recipe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        if router is not None:
+            self.router = router  # gamma-MoD: the one shared nn.Linear; p-MoD: this layer's own
+
+    @property
+    def is_mod(self) -> bool:
+        return self.recipe.is_mod_layer(self.layer_idx)
+
+    # -- the two halves of a Llama layer -------------------------------------------------------
+    def block(self, x, positions, kv: KVStore, count):
+        """``h = x + attn(norm(x))`` and ``m = mlp(norm(h))``: the caller combines them."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        h = x + self.self_attn.out(kv.attend(self.layer_idx, q, k, v, count))
+        return h, self.mlp(self.post_attention_layernorm(h))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw router output per token [B, T]: gamma-MoD's probability r, p-MoD's logit."""
+        if self.recipe.router == "shared-binary":
+            return F.softmax(self.router(self.input_layernorm(x)), dim=-1)[..., 1]
+        return self.router(x)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        t = x.shape[1]
+        if not self.is_mod or step.routing == "dense":
+            positions = step.past_length[:, None] + torch.arange(t, device=x.device)
+            h, m = self.block(x, positions, step.kv, step.valid)
+            return h + m
+        if step.span is not None:
+            if step.routing == "reference":
+                return self._reference_prefill(x, step)
+            return self._static_prefill(x, step)
+        return self._continue(x, step)
+
+    def _static_prefill(self, x, step: Step):
+        """Fixed capacity over a fixed routable span: the semantics the ONNX export traces."""
+        recipe, (start, length) = self.recipe, step.span
+        k = step.capacity[self.layer_idx]
+        score = self.scores(x)
+        weight = R.normalise(recipe, score, start, length)  # [B, length] on the span
+        kept = R.select_kept(weight, start, length, k, x.shape[1])  # [B, K] sorted
+        step.kept[self.layer_idx] = kept
+        xs = R.gather_tokens(x, kept)
+        if recipe.positions == "renumbered":
+            positions = self._own_positions(step, kept.shape[1], x.device)
+        else:
+            positions = step.past_length[:, None] + kept
+        count = step.valid - (length - k)  # padding rows end after the span
+        h, m = self.block(xs, positions, step.kv, count)
+        mlp_scale, skip_scale = R.output_weights(recipe, score, weight, kept, start, length)
+        return R.scatter_tokens(x, kept, h + mlp_scale * m, skip_scale)
+
+    def _reference_prefill(self, x, step: Step):
+        """The authors' released inference, data-dependent, batch size 1."""
+        recipe, (start, length) = self.recipe, step.span
+        score = self.scores(x)[0]
+        if recipe.router == "shared-binary":
+            # EvalMoDLLaVALlamaForCausalLM: keep every token with r > 0.005, anywhere in the
+            # sequence; renumbered positions; only the MLP is scaled; skipped tokens pass through.
+            kept = torch.nonzero(score > recipe.prefill_threshold).flatten()
+            step.kept[self.layer_idx] = kept[None]
+            positions = self._own_positions(step, kept.numel(), x.device)
+            h, m = self.block(x[:, kept], positions, step.kv, kept.new_full((1,), kept.numel()))
+            out = x.clone()
+            out[:, kept] = h + score[kept][None, :, None] * m
+            return out
+        # p-MoD ModLayer.forward: boolean masks, top-k over the normalised weights of the image
+        # tokens, STRing applied in the authors' order.
+        target = torch.zeros_like(score, dtype=torch.bool)
+        target[start:start + length] = True
+        weight = R.normalise_masked(recipe, score, target)
+        k = step.capacity[self.layer_idx]
+        kept = ~target
+        kept[torch.topk(weight, k).indices] = True
+        idx = torch.nonzero(kept).flatten()
+        step.kept[self.layer_idx] = idx[None]
+        h, m = self.block(x[:, kept], step.past_length[:, None] + idx[None], step.kv,
+                          idx.new_full((1,), idx.numel()))
+        out = x.clone()
+        out[:, kept] = m
+        out[:, target] *= weight[target][:, None]
+        out[:, kept] += h
+        return out
+
+    def _continue(self, x, step: Step):
+        """Tokens after the routed prefill (decode steps, later turns): all text, none routable."""
+        recipe, t = self.recipe, x.shape[1]
+        if recipe.decode == "dense":
+            # p-MoD: text runs densely at absolute positions; the cache holds text + kept image.
+            positions = step.past_length[:, None] + torch.arange(t, device=x.device)
+            h, m = self.block(x, positions, step.kv, step.valid)
+            return h + m
+        # gamma-MoD: positions continue this layer's own (renumbered) cache; a single decoded
+        # token runs the layer only when r >= 0.5, else it passes through and appends nothing.
+        r = self.scores(x)
+        count = step.valid
+        if t == 1:
+            run = r[:, 0] >= recipe.decode_gate
+            if not bool(run.any()):
+                return x
+            count = torch.where(run, count, torch.zeros_like(count))
+        positions = self._own_positions(step, t, x.device)
+        h, m = self.block(x, positions, step.kv, count)
+        out = h + r[..., None] * m
+        if t == 1:
+            out = torch.where(run[:, None, None], out, x)
+        return out
+
+    def _own_positions(self, step: Step, n: int, device) -> torch.Tensor:
+        return step.kv.length(self.layer_idx)[:, None] + torch.arange(n, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA
+
+
+class VisionTower(nn.Module):
+    """LLaVA's ``CLIPVisionTower``: ``.vision_tower`` is a transformers ``CLIPVisionModel``, whose
+    parameters sit under ``vision_model.*`` as in the checkpoints LLaVA's authors saved."""
+
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = CLIPVisionConfig(**spec.tower_config)
+        cfg._attn_implementation = "eager"  # traces cleanly; the tower is a small share of the work
+        clip = CLIPVisionModel(cfg)
+        if hasattr(clip, "vision_model"):  # transformers 4: the keys already read vision_model.*
+            self.vision_tower = clip
+        else:  # transformers 5 flattened the module: hold it under the name the checkpoints use
+            self.vision_tower = nn.Module()
+            self.vision_tower.vision_model = clip
+        self.clip = [clip]  # not a submodule: the callable, whatever its nesting
+        self.select_layer = spec.select_layer
+        self.select_feature = spec.select_feature
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        clip = self.clip[0]
+        dtype = next(clip.parameters()).dtype
+        out = clip(pixel_values.to(dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]
+        return feats[:, 1:] if self.select_feature == "patch" else feats
+
+
+def build_projector(spec: VisionSpec, hidden: int) -> nn.Module:
+    import re
+
+    if spec.projector_type == "linear":
+        return nn.Linear(spec.mm_hidden_size, hidden)
+    m = re.fullmatch(r"mlp(\d+)x_gelu", spec.projector_type)
+    if not m:
+        from gammamod.errors import GammamodError
+
+        raise GammamodError(f"mm_projector_type {spec.projector_type!r}: expected linear or mlp<N>x_gelu")
+    mods: list[nn.Module] = [nn.Linear(spec.mm_hidden_size, hidden)]
+    for _ in range(1, int(m.group(1))):
+        mods += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*mods)
+
+
+class LlavaBackbone(nn.Module):
+    """The ``model.*`` half of the checkpoint: embeddings, layers, final norm, projector, tower."""
+
+    def __init__(self, cfg: DecoderConfig, recipe: Recipe, vision: VisionSpec | None,
+                 router_bias: bool = False):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        shared = None
+        if recipe.router == "shared-binary":
+            shared = nn.Linear(cfg.hidden_size, 2, bias=False)
+        layers = []
+        for i in range(cfg.num_layers):
+            router = None
+            if i in recipe.mod_layers:
+                router = shared if shared is not None else ScalarRouter(cfg.hidden_size, router_bias)
+            layers.append(DecoderLayer(cfg, i, recipe, router))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if vision is not None:
+            self.mm_projector = build_projector(vision, cfg.hidden_size)
+            if vision.has_tower:
+                self.vision_tower = VisionTower(vision)
+
+
+class MoDLlava(nn.Module):
+    """LLaVA with MoD layers. ``forward_chunk`` runs the decoder over one chunk of embeddings."""
+
+    def __init__(self, cfg: DecoderConfig, recipe: Recipe, vision: VisionSpec | None,
+                 router_bias: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.recipe = recipe
+        self.vision = vision
+        self.model = LlavaBackbone(cfg, recipe, vision, router_bias)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.source: dict = {}  # checkpoint path, format, tokenizer files: set by the loader
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def has_vision(self) -> bool:
+        return hasattr(self.model, "vision_tower") and hasattr(self.model, "mm_projector")
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> projected image features [N, image_tokens, hidden]."""
+        return self.model.mm_projector(self.model.vision_tower(pixel_values))
+
+    def forward_chunk(self, inputs_embeds: torch.Tensor, step: Step) -> torch.Tensor:
+        """Run every decoder layer over one chunk; returns the final-norm hidden states."""
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = layer(x, step)
+        return self.model.norm(x)
+
+    def new_cache(self, batch: int, capacity: int = 64) -> KVCache:
+        return KVCache(self.config, batch, self.dtype, self.lm_head.weight.device, capacity)
+
+
+def mod_layer_flops(cfg: DecoderConfig, tokens: int, context: int) -> float:
+    """Multiply-accumulate FLOPs (x2) of one decoder layer over ``tokens`` queries attending to
+    ``context`` keys on average: projections, attention scores and values, SwiGLU MLP."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    proj = 2 * tokens * h * (cfg.num_heads * d * 2 + cfg.num_kv_heads * d * 2)
+    attn = 2 * 2 * tokens * context * cfg.num_heads * d
+    mlp = 2 * tokens * 3 * h * cfg.intermediate_size
+    return float(proj + attn + mlp)
+
+
+def decoder_flops(cfg: DecoderConfig, seq_len: int, kept: dict[int, int] | None = None) -> float:
+    """Prefill FLOPs of the decoder layers for a causal sequence of ``seq_len`` tokens when MoD
+    layer ``l`` processes ``kept[l]`` of them (all tokens where absent)."""
+    total = 0.0
+    for layer in range(cfg.num_layers):
+        n = (kept or {}).get(layer, seq_len)
+        total += mod_layer_flops(cfg, n, (n + 1) / 2)
+    return total
+
+
+__all__ = ["DecoderConfig", "VisionSpec", "MoDLlava", "KVCache", "KVStore", "Step", "ROUTING_MODES",
+           "decoder_flops"]

@@ -1,0 +1,170 @@
+"""The ``gammamod`` command line.
+
+Each subcommand parses its arguments and calls one stage's entry point; heavy imports (torch)
+happen inside the handlers, so ``gammamod --help`` and the runtime commands start fast.
+User errors are :class:`GammamodError` and are printed once, here, on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gammamod import __version__
+from gammamod.errors import GammamodError
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# make-tiny
+
+
+def cmd_make_tiny(args) -> int:
+    from gammamod.export.tiny import make_tiny
+
+    from .console import stage_progress
+
+    with stage_progress(f"make-tiny {args.recipe} ({args.size})") as tick:
+        out = make_tiny(args.out, args.recipe, size=args.size, seed=args.seed, layout=args.layout,
+                        shard_mb=args.shard_mb, force=args.force, progress=tick)
+    print(f"wrote {args.recipe} checkpoint ({args.size}, seed {args.seed}) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+
+
+def cmd_generate(args) -> int:
+    from .console import console, token_progress
+    from gammamod.export.generate import generate_text
+
+    with token_progress(args.max_new_tokens, "generating") as on_token:
+        result = generate_text(
+            args.checkpoint, prompt=args.prompt, image=args.image, routing=args.routing,
+            max_new_tokens=args.max_new_tokens, vision_tower=args.vision_tower, dtype=_torch_dtype(args.dtype),
+            skip_ratio=args.skip_ratio, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed, on_token=on_token)
+    console.print(result.text, markup=False, highlight=False)
+    console.print(result.summary, markup=False, highlight=False, style="dim")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir), fresh=args.fresh)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gammamod",
+        description="Deploy Mixture-of-Depths LLaVA models (gamma-MoD, p-MoD): make test checkpoints, "
+                    "generate with the PyTorch reference, export static-capacity ONNX, run it without torch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'gammamod COMMAND --help' for a command's options. 'gammamod demo' runs the whole "
+               "pipeline on seeded tiny checkpoints.")
+    parser.add_argument("--version", action="version", version=f"gammamod {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny", help="write a seeded tiny checkpoint in a recipe's exact on-disk format",
+                       description="Write a seeded, tiny but complete checkpoint (config.json, safetensors, "
+                                   "tokenizer, image processor config, tiny CLIP tower) in the recipe's own "
+                                   "format, with non-trivial router weights.")
+    p.add_argument("out", type=Path, help="output checkpoint directory")
+    p.add_argument("--recipe", required=True, choices=("gamma-mod", "p-mod", "llava"))
+    p.add_argument("--size", default="tiny", choices=("tiny", "bench"),
+                   help="tiny: for tests (default); bench: LLaVA-1.5 geometry (336 px, 576 image tokens), "
+                        "a 32-layer decoder big enough to time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default="original", choices=("original", "hf"),
+                   help="original: the authors' layout (default); hf: transformers' llava layout (llava only)")
+    p.add_argument("--shard-mb", type=float, default=None, help="split the weights into safetensors shards of "
+                   "this many MiB, with an index (as released 7B checkpoints are)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="generate with the PyTorch reference model",
+                       description="Generate from a checkpoint with the PyTorch model, using LLaVA's vicuna_v1 "
+                                   "template and <image> expansion; prints the text and a one-line routing "
+                                   "summary (kept tokens per MoD layer, decoder FLOPs vs dense).")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (gamma-MoD, p-MoD or LLaVA)")
+    p.add_argument("--prompt", required=True, help="the user's question")
+    p.add_argument("--image", type=Path, default=None, help="image file (omit for a text-only prompt)")
+    p.add_argument("--routing", default="static", choices=("reference", "static", "dense"),
+                   help="reference: the authors' released inference (batch 1); static: fixed capacity per MoD "
+                        "layer, what the export traces (default); dense: routers ignored")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--skip-ratio", type=_ratio, default=None, help="gamma-MoD static skip ratio (default 0.5)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--vision-tower", type=Path, default=None,
+                   help="local CLIP vision tower directory, when the checkpoint names a hub id")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on seeded tiny checkpoints",
+                       description="Make tiny gamma-MoD and p-MoD checkpoints, generate from the bundled test "
+                                   "image in every routing mode, and print a summary table.")
+    p.add_argument("--workdir", default="gammamod-demo", help="where checkpoints and artifacts go "
+                   "(default ./gammamod-demo)")
+    p.add_argument("--fresh", action="store_true", help="rebuild everything in the workdir")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except GammamodError as e:
+        print(f"gammamod {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gammamod {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
