@@ -296,7 +296,8 @@ def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower)
                 origin["model.vision_tower.vision_tower." + k] = (tower_dir, k)
     elif tower_weights:
         spec.tower_config = _infer_tower_config(tower_weights)
-        spec.tower_source = f"{info.path} (tower weights in the checkpoint, config inferred from shapes)"
+        spec.tower_source = (f"{info.path} (tower weights in the checkpoint; config inferred from their shapes, "
+                             "with attention heads of 64 channels as in OpenAI's CLIP)")
         proc = info.path / "preprocessor_config.json"
     else:
         spec.tower_source = (f"the checkpoint names vision tower {name!r}, which is not a local directory and "

@@ -221,7 +221,7 @@ def routing_summary(model: MoDLlava, seq_len: int, kept: dict[int, torch.Tensor]
     from .model import decoder_flops
 
     if not kept:
-        return f"routing {routing}: every layer processed all {seq_len} tokens", 1.0
+        return f"routing {routing}: every layer processed all {seq_len} tokens; decoder FLOPs 1.00x dense", 1.0
     counts = {layer: int(idx.shape[1]) for layer, idx in kept.items()}
     ratio = decoder_flops(model.config, seq_len, counts) / decoder_flops(model.config, seq_len)
     layers = sorted(counts)

@@ -297,9 +297,11 @@ class DecoderLayer(nn.Module):
             positions = step.past_length[:, None] + torch.arange(t, device=x.device)
             h, m = self.block(x, positions, step.kv, step.valid)
             return h + m
+        if step.routing == "reference" and self.recipe.router == "shared-binary" and t > 1:
+            return self._gamma_threshold(x, step)  # the authors threshold every multi-token chunk
         if step.span is not None:
             if step.routing == "reference":
-                return self._reference_prefill(x, step)
+                return self._pmod_reference(x, step)
             return self._static_prefill(x, step)
         return self._continue(x, step)
 
@@ -321,22 +323,26 @@ class DecoderLayer(nn.Module):
         mlp_scale, skip_scale = R.output_weights(recipe, score, weight, kept, start, length)
         return R.scatter_tokens(x, kept, h + mlp_scale * m, skip_scale)
 
-    def _reference_prefill(self, x, step: Step):
-        """The authors' released inference, data-dependent, batch size 1."""
+    def _gamma_threshold(self, x, step: Step):
+        """gamma-MoD's released inference (EvalMoDLLaVALlamaForCausalLM), batch size 1: keep every
+        token with r > 0.005, anywhere in the sequence; renumbered positions; only the MLP is
+        scaled; skipped tokens pass through. The routable span plays no part."""
+        score = self.scores(x)[0]
+        kept = torch.nonzero(score > self.recipe.prefill_threshold).flatten()
+        step.kept[self.layer_idx] = kept[None]
+        if kept.numel() == 0:
+            return x
+        positions = self._own_positions(step, kept.numel(), x.device)
+        h, m = self.block(x[:, kept], positions, step.kv, kept.new_full((1,), kept.numel()))
+        out = x.clone()
+        out[:, kept] = h + score[kept][None, :, None] * m
+        return out
+
+    def _pmod_reference(self, x, step: Step):
+        """p-MoD's ModLayer.forward, batch size 1: boolean masks, top-k over the normalised weights
+        of the image tokens, STRing applied in the authors' order."""
         recipe, (start, length) = self.recipe, step.span
         score = self.scores(x)[0]
-        if recipe.router == "shared-binary":
-            # EvalMoDLLaVALlamaForCausalLM: keep every token with r > 0.005, anywhere in the
-            # sequence; renumbered positions; only the MLP is scaled; skipped tokens pass through.
-            kept = torch.nonzero(score > recipe.prefill_threshold).flatten()
-            step.kept[self.layer_idx] = kept[None]
-            positions = self._own_positions(step, kept.numel(), x.device)
-            h, m = self.block(x[:, kept], positions, step.kv, kept.new_full((1,), kept.numel()))
-            out = x.clone()
-            out[:, kept] = h + score[kept][None, :, None] * m
-            return out
-        # p-MoD ModLayer.forward: boolean masks, top-k over the normalised weights of the image
-        # tokens, STRing applied in the authors' order.
         target = torch.zeros_like(score, dtype=torch.bool)
         target[start:start + length] = True
         weight = R.normalise_masked(recipe, score, target)

@@ -58,7 +58,7 @@ GEOMETRY = {
     # layers 0-2 and the last dense, so 8 layers give it four MoD layers.
     "tiny": Geometry(hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=512,
                      layers={"gamma-mod": 8, "p-mod": 32, "llava": 8},
-                     vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+                     vision_hidden=64, vision_layers=2, vision_heads=1, vision_intermediate=128,
                      image_size=84, patch_size=14, max_positions=2048, dtype=torch.float32),
     "bench": Geometry(hidden=512, intermediate=1376, heads=8, kv_heads=8, vocab=32000,
                       layers={"gamma-mod": 32, "p-mod": 32, "llava": 32},

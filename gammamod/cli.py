@@ -73,8 +73,8 @@ def cmd_generate(args) -> int:
             max_new_tokens=args.max_new_tokens, vision_tower=args.vision_tower, dtype=_torch_dtype(args.dtype),
             skip_ratio=args.skip_ratio, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, on_token=on_token)
-    console.print(result.text, markup=False, highlight=False)
-    console.print(result.summary, markup=False, highlight=False, style="dim")
+    console.print(result.text, markup=False, highlight=False, soft_wrap=True)
+    console.print(result.summary, markup=False, highlight=False, style="dim", soft_wrap=True)
     return 0
 
 

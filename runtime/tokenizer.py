@@ -112,28 +112,46 @@ class Tokenizer:
         return ([self.bos_id] if add_bos else []) + ids
 
     def _sp_encode(self, text: str) -> list[int]:
-        """transformers' LlamaTokenizer over sentencepiece: special tokens split out first; with
-        legacy=false the text after a special token gets no dummy-prefix space."""
+        """transformers' slow LlamaTokenizer over sentencepiece (what the authors load, with
+        use_fast=False): special tokens are split out first. With ``legacy: false`` only the very
+        start of the text gets the dummy-prefix space, so text after ``</s>`` gets none."""
         sp = self._impl
-        if not self.specials:
-            return sp.encode(text)
         pattern = "(" + "|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True)) + ")"
-        ids: list[int] = []
-        after_special = False
-        for piece in re.split(pattern, text):
+        if self.legacy or not text:
+            ids: list[int] = []
+            for piece in re.split(pattern, text) if self.specials else [text]:
+                if piece in self.specials:
+                    ids.append(self.specials[piece])
+                elif piece:
+                    ids.extend(sp.encode(piece))
+            return ids
+        plain = self._no_dummy_prefix()
+        unk = self._names["unk_token"]
+        unk_len = len(plain.encode(unk))
+        text = "\u2581" + text.replace("\u2581", " ")
+        pieces: list[int | str] = []
+        for piece in re.split(pattern, text) if self.specials else [text]:
             if piece in self.specials:
-                ids.append(self.specials[piece])
-                after_special = True
-                continue
-            if not piece:
-                continue
-            if after_special and not self.legacy:
-                unk = self._names["unk_token"]
-                ids.extend(sp.encode(unk + piece)[len(sp.encode(unk)):])
-            else:
-                ids.extend(sp.encode(piece))
-            after_special = False
-        return ids
+                pieces.append(piece)
+            elif piece.startswith(("\u2581", " ")):
+                pieces.extend(plain.encode(unk + piece)[unk_len:])
+            elif piece:
+                pieces.extend(plain.encode(piece))
+        if len(pieces) > 1 and pieces[0] == plain.piece_to_id("\u2581") and isinstance(pieces[1], str):
+            pieces = pieces[1:]  # a lone prefix space before a special token is dropped
+        return [self.specials[p] if isinstance(p, str) else p for p in pieces]
+
+    def _no_dummy_prefix(self):
+        """The same sentencepiece model with ``add_dummy_prefix`` off (as the slow tokenizer loads it)."""
+        if getattr(self, "_plain", None) is None:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+            proto = model_pb2.ModelProto()
+            proto.ParseFromString(self._impl.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._plain = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._plain
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]

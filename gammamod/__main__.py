@@ -1,0 +1,5 @@
+import sys
+
+from gammamod.cli import main
+
+sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install gammamod with what the demo and the tests need.
+# torch comes first and pinned: 2.13.0 is the CPU wheel on disk; a looser pin pulls CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quiet() { "$@" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'; }
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+quiet .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all,test]"
+.venv/bin/python -c "import torch, gammamod; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -1,0 +1,72 @@
+"""Shared fixtures: seeded tiny checkpoints written once per test session by make-tiny."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+def _make(root: Path, recipe: str, layout: str = "original", **kw) -> Path:
+    from gammamod.export.tiny import make_tiny
+
+    name = f"{recipe}-{layout}" + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+    out = root / name
+    if not out.exists():
+        make_tiny(out, recipe, size="tiny", seed=0, layout=layout, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gamma(tiny_root) -> Path:
+    return _make(tiny_root, "gamma-mod")
+
+
+@pytest.fixture(scope="session")
+def tiny_pmod(tiny_root) -> Path:
+    return _make(tiny_root, "p-mod")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_root) -> Path:
+    return _make(tiny_root, "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_hf(tiny_root) -> Path:
+    return _make(tiny_root, "llava", layout="hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_gamma, tiny_pmod, tiny_llava):
+    from gammamod.export import load_checkpoint
+
+    return {"gamma-mod": load_checkpoint(tiny_gamma), "p-mod": load_checkpoint(tiny_pmod),
+            "llava": load_checkpoint(tiny_llava)}
+
+
+@pytest.fixture()
+def copy_ckpt(tmp_path):
+    """Copy a checkpoint directory to a scratch place a test may damage."""
+
+    def copy(src: Path, name: str = "ckpt") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def test_image_path() -> Path:
+    from gammamod.demo import test_image
+
+    return test_image()
