@@ -1,0 +1,1 @@
+"""Validate and bench: accuracy and latency of an exported artifact against the PyTorch baseline."""
