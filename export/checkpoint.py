@@ -193,16 +193,15 @@ def _clip_fields(cfg: dict) -> dict:
     return {**defaults, **{k: cfg[k] for k in keep if k in cfg}}
 
 
-def _infer_tower_config(tensors: dict[str, torch.Tensor]) -> dict:
+def _infer_tower_config(shapes: dict[str, tuple]) -> dict:
     """A CLIP vision config from the shapes of the tower weights (heads of 64 channels, as in
     every OpenAI CLIP ViT LLaVA uses)."""
     p = "vision_model."
-    patch = tensors[p + "embeddings.patch_embedding.weight"]
-    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
-    n_pos = tensors[p + "embeddings.position_embedding.weight"].shape[0]
+    hidden, channels, patch_size = shapes[p + "embeddings.patch_embedding.weight"][:3]
+    n_pos = shapes[p + "embeddings.position_embedding.weight"][0]
     grid = int(round((n_pos - 1) ** 0.5))
-    layers = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(p + r"encoder\.layers\.(\d+)\.", k)))
-    inter = tensors[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(p + r"encoder\.layers\.(\d+)\.", k)))
+    inter = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
     return _clip_fields(dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=max(1, hidden // 64), image_size=grid * patch_size,
                              patch_size=patch_size, num_channels=channels))
@@ -231,17 +230,17 @@ def _resolve_tower_dir(info: CheckpointInfo, vision_tower: str | os.PathLike | N
     return None
 
 
-def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower) -> VisionSpec | None:
-    """How images reach the decoder, and where the tower comes from. None: language model only."""
+def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> VisionSpec | None:
+    """How images reach the decoder, and where the tower comes from. None: language model only.
+    Tower weights from a tower directory are added to ``weights``."""
     cfg = info.config
-    has_projector = any(k.startswith("model.mm_projector.") for k in tensors)
-    if not has_projector:
+    tower_prefix = "model.vision_tower.vision_tower."
+    if not any(k.startswith("model.mm_projector.") for k in weights.refs):
         if vision_tower is not None:
             raise GammamodError(f"{info.path}: --vision-tower given, but the checkpoint has no multimodal "
                                 "projector (a language-model-only checkpoint)")
         return None
-    tower_weights = {k[len("model.vision_tower.vision_tower."):]: v for k, v in tensors.items()
-                     if k.startswith("model.vision_tower.vision_tower.")}
+    tower_shapes = {k[len(tower_prefix):]: r.shape for k, r in weights.refs.items() if k.startswith(tower_prefix)}
     if info.format == "llava-hf":
         vcfg = cfg.get("vision_config") or {}
         spec = VisionSpec(
@@ -269,7 +268,7 @@ def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower)
         mm_hidden_size=int(cfg.get("mm_hidden_size", 1024)),
         select_layer=int(cfg.get("mm_vision_select_layer", -1)),
         select_feature=cfg.get("mm_vision_select_feature", "patch"),
-        image_aspect_ratio=aspect if aspect in ("pad", "square") else aspect)
+        image_aspect_ratio=aspect)
     if spec.select_feature not in ("patch", "cls_patch"):
         raise GammamodError(f"{where}: mm_vision_select_feature {spec.select_feature!r}: expected patch or cls_patch")
     unsupported = None
@@ -289,13 +288,10 @@ def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower)
         proc = tower_dir / "preprocessor_config.json"
         if not proc.is_file():
             proc = info.path / "preprocessor_config.json"
-        if not tower_weights:
-            tower_weights.update(_read_tower_weights(tower_dir))
-            for k, v in tower_weights.items():
-                tensors["model.vision_tower.vision_tower." + k] = v
-                origin["model.vision_tower.vision_tower." + k] = (tower_dir, k)
-    elif tower_weights:
-        spec.tower_config = _infer_tower_config(tower_weights)
+        if not tower_shapes:
+            _index_tower_weights(tower_dir, weights, tower_prefix)
+    elif tower_shapes:
+        spec.tower_config = _infer_tower_config(tower_shapes)
         spec.tower_source = (f"{info.path} (tower weights in the checkpoint; config inferred from their shapes, "
                              "with attention heads of 64 channels as in OpenAI's CLIP)")
         proc = info.path / "preprocessor_config.json"
@@ -309,39 +305,108 @@ def vision_spec(info: CheckpointInfo, tensors: dict, origin: dict, vision_tower)
     return spec
 
 
-def _read_tower_weights(tower_dir: Path) -> dict[str, torch.Tensor]:
+def _index_tower_weights(tower_dir: Path, weights: "WeightIndex", prefix: str) -> None:
     try:
         files = weight_files(tower_dir)
     except GammamodError:
         raise GammamodError(f"{tower_dir}: the checkpoint holds no vision tower weights and this tower directory "
                             "has none either (expected model.safetensors or pytorch_model.bin)") from None
-    out = {}
+    found = 0
     for f in files:
-        for k, v in read_tensors(f).items():
-            if k.startswith("vision_model."):
-                out[k] = v
-            elif k.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
-                out["vision_model." + k] = v  # saved by transformers 5, which dropped the prefix
-    if not out:
+        for key, shape, dtype in weights.list_file(f):
+            if key.startswith("vision_model."):
+                name = key
+            elif key.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
+                name = "vision_model." + key  # saved by transformers 5, which dropped the prefix
+            else:
+                continue  # e.g. a full CLIPModel's text tower
+            weights.add(prefix + name, TensorRef(f, key, shape, dtype))
+            found += 1
+    if not found:
         raise GammamodError(f"{tower_dir}: no 'vision_model.*' weights found")
-    return out
 
 
 # --------------------------------------------------------------------------------------------
-# weights
+# weights: indexed from file headers, read one tensor at a time
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weight file (safetensors memory-mapped; .bin with weights_only=True)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+@dataclass(frozen=True)
+class TensorRef:
+    file: Path
+    key: str
+    shape: tuple
+    dtype: str
 
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # corrupt or foreign files: say which, in one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GammamodError(f"{path}: cannot read weights ({msg})") from None
+
+def _bin_state(path: Path) -> dict:
+    """A .bin state dict, memory-mapped (weights_only=True: no code runs on load)."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise GammamodError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+class WeightIndex:
+    """Model parameter name -> where its tensor lives. Reads lazily, one tensor at a time."""
+
+    def __init__(self):
+        self.refs: dict[str, TensorRef] = {}
+        self._bin: tuple[Path, dict] | None = None  # the one .bin file kept memory-mapped
+
+    def _bin_file(self, path: Path) -> dict:
+        if self._bin is None or self._bin[0] != path:
+            self._bin = (path, _bin_state(path))
+        return self._bin[1]
+
+    def list_file(self, path: Path) -> list[tuple[str, tuple, str]]:
+        """(key, shape, dtype) of every tensor in one weight file, without reading the data."""
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    out = []
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        out.append((key, tuple(sl.get_shape()), str(sl.get_dtype())))
+                    return out
+            return [(k, tuple(v.shape), str(v.dtype)) for k, v in self._bin_file(path).items()]
+        except GammamodError:
+            raise
+        except Exception as e:  # corrupt or foreign files: say which, in one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GammamodError(f"{path}: cannot read weights ({msg})") from None
+
+    def add(self, name: str, ref: TensorRef) -> None:
+        if name in self.refs:
+            other = self.refs[name]
+            raise GammamodError(f"{ref.file}: key {ref.key} appears twice (also in {other.file})")
+        self.refs[name] = ref
+
+    def read(self, name: str) -> torch.Tensor:
+        ref = self.refs[name]
+        try:
+            if ref.file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(ref.file), framework="pt") as f:
+                    return f.get_tensor(ref.key)
+            return self._bin_file(ref.file)[ref.key]
+        except GammamodError:
+            raise
+        except Exception as e:
+            raise GammamodError(f"{ref.file}: cannot read {ref.key} ({str(e).splitlines()[0][:120]})") from None
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor, refusing NaN/inf, converted to ``dtype``."""
+        value = self.read(name)
+        if value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                ref = self.refs[name]
+                raise GammamodError(f"{ref.file}: {ref.key} holds NaN or inf values")
+            if dtype is not None:
+                value = value.to(dtype)
+        return value
 
 
 def canonical_key(fmt: str, key: str) -> str:
@@ -386,39 +451,121 @@ def _check_inv_freq(path: Path, key: str, value: torch.Tensor, cfg: DecoderConfi
                             "from config.json (a rope scaling the config does not declare?)")
 
 
-def gather_weights(info: CheckpointInfo, cfg: DecoderConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every tensor under its model name, with the (file, key) it came from."""
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, tuple[Path, str]] = {}
+def index_weights(info: CheckpointInfo, cfg: DecoderConfig) -> WeightIndex:
+    """Every checkpoint tensor under its model name (rotary buffers checked and dropped)."""
+    index = WeightIndex()
     for f in info.weight_files:
-        for key, value in read_tensors(f).items():
+        for key, shape, dtype in index.list_file(f):
             if any(p.match(key) for p in _IGNORED):
                 if key.endswith("inv_freq"):
-                    _check_inv_freq(f, key, value, cfg)
+                    index.refs["__inv_freq__"] = TensorRef(f, key, shape, dtype)
+                    _check_inv_freq(f, key, index.read("__inv_freq__"), cfg)
+                    del index.refs["__inv_freq__"]
                 continue
-            name = canonical_key(info.format, key)
-            if name in tensors:
-                raise GammamodError(f"{f}: key {key} appears twice (also in {origin[name][0]})")
-            tensors[name] = value
-            origin[name] = (f, key)
-    return tensors, origin
+            index.add(canonical_key(info.format, key), TensorRef(f, key, shape, dtype))
+    return index
 
 
-def _fold_shared_router(info: CheckpointInfo, tensors: dict, origin: dict, recipe: rc.Recipe) -> None:
+def _fold_shared_router(info: CheckpointInfo, weights: WeightIndex, recipe: rc.Recipe) -> None:
     """gamma-MoD stores its one router under one or several MoD layers: check the copies agree."""
     keys = [f"model.layers.{i}.router.weight" for i in recipe.mod_layers]
-    present = [k for k in keys if k in tensors]
+    present = [k for k in keys if k in weights.refs]
     if not present:
         raise GammamodError(f"{info.weight_files[0]}: missing the shared gamma-MoD router: none of "
                             f"{keys[0]} ... {keys[-1]} is stored")
-    first = tensors[present[0]]
+    first = weights.read(present[0])
     for k in present[1:]:
-        if tensors[k].shape != first.shape or not torch.equal(tensors[k], first):
-            raise GammamodError(f"{origin[k][0]}: {k} differs from {present[0]}; gamma-MoD's router is one "
+        other = weights.read(k)
+        if other.shape != first.shape or not torch.equal(other, first):
+            raise GammamodError(f"{weights.refs[k].file}: {k} differs from {present[0]}; gamma-MoD's router is one "
                                 "Linear shared by every MoD layer")
     for k in keys:
-        tensors[k] = first
-        origin.setdefault(k, origin[present[0]])
+        weights.refs.setdefault(k, weights.refs[present[0]])
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened and checked, its weights indexed but not read."""
+
+    info: CheckpointInfo
+    config: DecoderConfig
+    recipe: rc.Recipe
+    router_bias: bool
+    vision: VisionSpec | None
+    weights: WeightIndex
+
+    def skeleton(self, dtype: torch.dtype = torch.float32, device: str = "meta") -> MoDLlava:
+        """The model's modules with parameters on ``device`` (meta: no memory, for tracing)."""
+        with torch.device(device):
+            model = MoDLlava(self.config, self.recipe, self.vision, self.router_bias)
+        model.to(dtype)
+        model.source = {"path": str(self.info.path), "format": self.info.format, "config": self.info.config,
+                        "weight_files": [str(f) for f in self.info.weight_files]}
+        return model.eval()
+
+    def parameter_names(self) -> dict[str, tuple]:
+        """Every parameter the model needs (shared and tied ones once) and its shape."""
+        model = self.skeleton()
+        return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
+
+    def buffer_value(self, name: str) -> torch.Tensor:
+        """Values of the non-persistent buffers (not in the checkpoint)."""
+        if name.endswith("embeddings.position_ids"):
+            cfg = self.vision.tower_config
+            n = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+            return torch.arange(n).expand((1, -1))
+        raise KeyError(name)
+
+    def load(self, dtype: torch.dtype = torch.float32) -> MoDLlava:
+        model = self.skeleton(dtype)
+        state = {}
+        for name in dict(model.state_dict(keep_vars=True)):
+            if name in self.weights.refs:
+                state[name] = self.weights.tensor(name, dtype)
+        model.load_state_dict(state, assign=True, strict=False)
+        _materialize_buffers(model)
+        if self.recipe.router == "shared-binary":  # assign=True gave each layer its own copy: share again
+            shared = model.model.layers[self.recipe.mod_layers[0]].router
+            for i in self.recipe.mod_layers:
+                model.model.layers[i].router = shared
+        if self.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+
+def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> Checkpoint:
+    """Read config.json, index the weights from the file headers, and check names and shapes
+    against the architecture the config describes, before any weight is read."""
+    info = inspect_checkpoint(path)
+    cfg = decoder_config(info)
+    recipe, router_bias = recipe_for(info, cfg.num_layers)
+    weights = index_weights(info, cfg)
+    if recipe.router == "shared-binary":
+        _fold_shared_router(info, weights, recipe)
+    vision = vision_spec(info, weights, vision_tower)
+    if vision is not None and not vision.has_tower:
+        weights.refs = {k: v for k, v in weights.refs.items() if not k.startswith("model.vision_tower.")}
+    if cfg.tie_word_embeddings:
+        weights.refs.pop("lm_head.weight", None)
+    ckpt = Checkpoint(info, cfg, recipe, router_bias, vision, weights)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MoDLlava(cfg, recipe, vision, router_bias).state_dict().items()
+                    if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    extra = sorted(set(weights.refs) - set(expected))
+    if extra:
+        ref = weights.refs[extra[0]]
+        raise GammamodError(f"{ref.file}: unexpected key {ref.key} ({len(extra)} unexpected in all) "
+                            f"for a {info.format} checkpoint")
+    missing = sorted(set(expected) - set(weights.refs))
+    if missing:
+        raise GammamodError(f"{info.path}: missing key {checkpoint_key(info.format, missing[0], recipe.mod_layers)} "
+                            f"({len(missing)} missing in all)")
+    for name, shape in expected.items():
+        ref = weights.refs[name]
+        if tuple(ref.shape) != shape:
+            raise GammamodError(f"{ref.file}: {ref.key} has shape {list(ref.shape)}, expected {list(shape)} "
+                                "from config.json")
+    return ckpt
 
 
 def load_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
@@ -430,52 +577,7 @@ def load_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
     when it holds them. A checkpoint without projector or tower loads as a language model; image
     input is then refused with the reason in ``model.vision.tower_source``.
     """
-    info = inspect_checkpoint(path)
-    cfg = decoder_config(info)
-    recipe, router_bias = recipe_for(info, cfg.num_layers)
-    tensors, origin = gather_weights(info, cfg)
-    if recipe.router == "shared-binary":
-        _fold_shared_router(info, tensors, origin, recipe)
-    vision = vision_spec(info, tensors, origin, vision_tower)
-    if vision is not None and not vision.has_tower:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("model.vision_tower.")}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-
-    with torch.device("meta"):
-        model = MoDLlava(cfg, recipe, vision, router_bias)
-    expected = dict(model.state_dict(keep_vars=True))
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise GammamodError(f"{origin[extra[0]][0]}: unexpected key {origin[extra[0]][1]} "
-                            f"({len(extra)} unexpected in all) for a {info.format} checkpoint")
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise GammamodError(f"{info.path}: missing key {_orig_key(info, missing[0], recipe)} "
-                            f"({len(missing)} missing in all)")
-    state = {}
-    for name, param in expected.items():
-        value = tensors[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise GammamodError(f"{origin[name][0]}: {origin[name][1]} has shape {list(value.shape)}, "
-                                f"expected {list(param.shape)} from config.json")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise GammamodError(f"{origin[name][0]}: {origin[name][1]} holds NaN or inf values")
-        state[name] = value.to(dtype) if value.is_floating_point() else value
-    model.load_state_dict(state, assign=True, strict=True)
-    _materialize_buffers(model)
-    if recipe.router == "shared-binary":  # assign=True gave each layer its own copy: share again
-        shared = model.model.layers[recipe.mod_layers[0]].router
-        for i in recipe.mod_layers:
-            model.model.layers[i].router = shared
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.eval()
-    model.source = {"path": str(info.path), "format": info.format, "config": info.config,
-                    "weight_files": [str(f) for f in info.weight_files]}
-    return model
+    return open_checkpoint(path, vision_tower).load(dtype)
 
 
 def _materialize_buffers(model: MoDLlava) -> None:
@@ -488,7 +590,3 @@ def _materialize_buffers(model: MoDLlava) -> None:
                 module.register_buffer(name, torch.arange(module.num_positions).expand((1, -1)), persistent=False)
             else:
                 raise RuntimeError(f"buffer {module_name}.{name} was not materialised after loading")
-
-
-def _orig_key(info: CheckpointInfo, name: str, recipe: rc.Recipe) -> str:
-    return checkpoint_key(info.format, name, recipe.mod_layers)

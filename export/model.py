@@ -309,9 +309,8 @@ class DecoderLayer(nn.Module):
         """Fixed capacity over a fixed routable span: the semantics the ONNX export traces."""
         recipe, (start, length) = self.recipe, step.span
         k = step.capacity[self.layer_idx]
-        score = self.scores(x)
-        weight = R.normalise(recipe, score, start, length)  # [B, length] on the span
-        kept = R.select_kept(weight, start, length, k, x.shape[1])  # [B, K] sorted
+        weight = R.routing_weights(recipe, self.scores(x), start, length)  # [B, T]
+        kept = R.select_kept(weight, start, length, k)  # [B, K] sorted
         step.kept[self.layer_idx] = kept
         xs = R.gather_tokens(x, kept)
         if recipe.positions == "renumbered":
@@ -320,7 +319,7 @@ class DecoderLayer(nn.Module):
             positions = step.past_length[:, None] + kept
         count = step.valid - (length - k)  # padding rows end after the span
         h, m = self.block(xs, positions, step.kv, count)
-        mlp_scale, skip_scale = R.output_weights(recipe, score, weight, kept, start, length)
+        mlp_scale, skip_scale = R.output_weights(recipe, weight, kept)
         return R.scatter_tokens(x, kept, h + mlp_scale * m, skip_scale)
 
     def _gamma_threshold(self, x, step: Step):
@@ -367,21 +366,19 @@ class DecoderLayer(nn.Module):
             positions = step.past_length[:, None] + torch.arange(t, device=x.device)
             h, m = self.block(x, positions, step.kv, step.valid)
             return h + m
-        # gamma-MoD: positions continue this layer's own (renumbered) cache; a single decoded
-        # token runs the layer only when r >= 0.5, else it passes through and appends nothing.
+        # gamma-MoD: positions continue this layer's own (renumbered) cache. A single decoded token
+        # runs the layer only when r >= 0.5, else it passes through and appends nothing; a chunk of
+        # several text tokens (a later turn) is always kept, as text after the span is in training.
+        # Written with tensors only, so the exported graph has no data-dependent branch.
         r = self.scores(x)
-        count = step.valid
-        if t == 1:
-            run = r[:, 0] >= recipe.decode_gate
-            if not bool(run.any()):
-                return x
-            count = torch.where(run, count, torch.zeros_like(count))
+        several = torch.ones_like(r).sum(-1) > 1  # [B]
+        run = (r[:, -1] >= recipe.decode_gate) | several  # [B]
+        if not torch.compiler.is_exporting() and not bool(run.any()):
+            return x  # eager: no row runs the layer, skip its compute entirely
+        count = torch.where(run, step.valid, torch.zeros_like(step.valid))
         positions = self._own_positions(step, t, x.device)
         h, m = self.block(x, positions, step.kv, count)
-        out = h + r[..., None] * m
-        if t == 1:
-            out = torch.where(run[:, None, None], out, x)
-        return out
+        return torch.where(run[:, None, None], h + r[..., None] * m, x)
 
     def _own_positions(self, step: Step, n: int, device) -> torch.Tensor:
         return step.kv.length(self.layer_idx)[:, None] + torch.arange(n, device=device)

@@ -1,0 +1,162 @@
+"""The modules ``torch.onnx.export`` traces: vision, prefill, decode.
+
+The decoder is exported as two graphs that share one weights file:
+
+* ``prefill``: ``inputs_embeds`` [B, T, H] and ``seq_lengths`` [B] (rows right-padded) ->
+  ``logits`` [B, V] at each row's last token, and per layer the keys/values it cached
+  (``present_key.l`` [B, Hkv, N_l, d]; N_l = T for dense layers, T - span + k_l for MoD
+  layers; row b holds ``seq_lengths[b] - (T - N_l)`` real entries), and ``kept_indices.l`` for
+  MoD layers. The routable span and
+  the kept counts are constants of the graph: every shape is static given T.
+* ``decode``: a chunk of T >= 1 new tokens (one per step when generating; a later chat turn is
+  a longer chunk) with ``past_length`` [B] and, per layer, the cache buffers
+  ``past_key.l`` / ``past_value.l`` [B, Hkv, C_l, d] and their valid lengths ``kv_length.l``.
+  It returns logits and only the new entries (``present_key.l`` [B, Hkv, T, d]) with
+  ``new_kv_length.l``; the runtime writes them into its buffers in place. The past buffers are
+  only read: attention runs over [past | new] with one softmax across both parts, so no
+  full-cache concatenation or copy happens per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import KVStore, MoDLlava, Step
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, T, d] -> [B, Hkv, G, T, d]: query heads grouped by their key/value head (GQA)."""
+    b, h, t, d = q.shape
+    return q.reshape(b, kv_heads, h // kv_heads, t, d)
+
+
+def _masked(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(drop, torch.finfo(scores.dtype).min)
+
+
+def causal_attention(q, k, v) -> torch.Tensor:
+    """Causal attention over the new tokens alone (prefill): q [B,H,T,d], k/v [B,Hkv,T,d]."""
+    b, h, t, d = q.shape
+    qg = _grouped(q * d ** -0.5, k.shape[1])
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, T]
+    pos = torch.arange(t, device=q.device)
+    scores = _masked(scores, pos[None, :] > pos[:, None])
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ v.unsqueeze(2)).reshape(b, h, t, d)
+
+
+def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
+    """Attention over a layer's cache (the first ``past_len[b]`` of its C slots) and the new
+    tokens (causally), with one softmax across both parts. The cache is only read."""
+    b, h, t, d = q.shape
+    qg = _grouped(q * d ** -0.5, k.shape[1])
+    past = (qg @ past_k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, C]
+    cap = past.shape[-1]
+    slot = torch.arange(cap, device=q.device)
+    past = _masked(past, (slot[None, :] >= past_len[:, None])[:, None, None, None, :])
+    new = (qg @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, T]
+    pos = torch.arange(t, device=q.device)
+    new = _masked(new, pos[None, :] > pos[:, None])
+    probs = torch.softmax(torch.cat([past, new], dim=-1), dim=-1).to(q.dtype)
+    out = probs[..., :cap] @ past_v.unsqueeze(2) + probs[..., cap:] @ v.unsqueeze(2)
+    return out.reshape(b, h, t, d)
+
+
+class GraphKV(KVStore):
+    """KV handling inside an exported graph: reads past buffers, emits only the new entries."""
+
+    def __init__(self, zeros: torch.Tensor, past: list[tuple] | None = None):
+        self.zeros = zeros  # [B] int64
+        self.past = past
+        self.present: dict[int, tuple] = {}
+
+    def length(self, layer: int) -> torch.Tensor:
+        return self.zeros if self.past is None else self.past[layer][2]
+
+    def attend(self, layer: int, q, k, v, count):
+        if self.past is None:
+            attn = causal_attention(q, k, v)
+            length = count
+        else:
+            past_k, past_v, past_len = self.past[layer]
+            attn = cached_attention(q, k, v, past_k, past_v, past_len)
+            length = past_len + count
+        self.present[layer] = (k, v, length)
+        return attn
+
+
+def _last_logits(model: MoDLlava, hidden: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+    """Logits of each row's last real token [B, V] (float32): the lm_head runs on B tokens."""
+    index = (seq_lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, hidden.shape[-1])
+    last = torch.gather(hidden, 1, index)[:, 0]
+    return model.lm_head(last).float()
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, model: MoDLlava, routing: str, span: tuple[int, int] | None, capacity: dict[int, int]):
+        super().__init__()
+        self.model = model
+        self.routing = routing
+        self.span = span
+        self.capacity = dict(capacity)
+        self.mod_layers = sorted(capacity) if routing == "static" else []
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in range(self.model.config.num_layers):
+            names += [f"present_key.{i}", f"present_value.{i}"]
+        return names + [f"kept_indices.{i}" for i in self.mod_layers]
+
+    def forward(self, inputs_embeds, seq_lengths):
+        zeros = torch.zeros_like(seq_lengths)
+        kv = GraphKV(zeros)
+        step = Step(routing=self.routing, kv=kv, past_length=zeros, valid=seq_lengths, span=self.span,
+                    capacity=self.capacity)
+        hidden = self.model.forward_chunk(inputs_embeds, step)
+        outs = [_last_logits(self.model, hidden, seq_lengths)]
+        for i in range(self.model.config.num_layers):
+            outs += list(kv.present[i][:2])  # entries per row follow from the capacities (manifest)
+        outs += [step.kept[i] for i in self.mod_layers]
+        return tuple(outs)
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, model: MoDLlava, routing: str):
+        super().__init__()
+        self.model = model
+        self.routing = routing
+
+    def input_names(self) -> list[str]:
+        names = ["inputs_embeds", "seq_lengths", "past_length"]
+        for i in range(self.model.config.num_layers):
+            names += [f"past_key.{i}", f"past_value.{i}", f"kv_length.{i}"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in range(self.model.config.num_layers):
+            names += [f"present_key.{i}", f"present_value.{i}", f"new_kv_length.{i}"]
+        return names
+
+    def forward(self, inputs_embeds, seq_lengths, past_length, *cache):
+        layers = self.model.config.num_layers
+        past = [(cache[3 * i], cache[3 * i + 1], cache[3 * i + 2]) for i in range(layers)]
+        kv = GraphKV(torch.zeros_like(seq_lengths), past)
+        step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths)
+        hidden = self.model.forward_chunk(inputs_embeds, step)
+        outs = [_last_logits(self.model, hidden, seq_lengths)]
+        for i in range(layers):
+            outs += list(kv.present[i])
+        return tuple(outs)
+
+
+class VisionGraph(nn.Module):
+    """``pixel_values`` [N, 3, S, S] -> projected ``image_features`` [N, image_tokens, hidden]."""
+
+    def __init__(self, model: MoDLlava):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.encode_images(pixel_values)

@@ -1,0 +1,199 @@
+"""The MoD custom ops: top-k selection, token gather, token scatter.
+
+Each op exists three times, kept in step by the tests:
+
+* a ``torch.library`` custom op (``gammamod::mod_select`` ...): what eager PyTorch runs and
+  what ``torch.export`` sees as one opaque node with a shape function;
+* an ONNX node of our domain (``gammamod::MoDSelect`` ...) carrying ``plugin_namespace`` and
+  ``plugin_version`` attributes, so TensorRT's parser binds it to our plugin;
+* an ONNX function body of standard ops attached to the model, so ONNX Runtime, or any other
+  consumer, runs the graph unchanged.
+
+Shapes depend only on input shapes and the attributes, never on data: ``MoDSelect`` turns
+scores [B, T] into the kept indices [B, T - length + k] (the tokens before the span, the top-k of
+the span in sequence order, the tokens after it), with a TopK of constant K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DOMAIN = "gammamod"
+OPSET_VERSION = 1
+PLUGIN_NAMESPACE = "gammamod"
+PLUGIN_VERSION = "1"
+NODE_TYPES = ("MoDSelect", "MoDGather", "MoDScatter")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@torch.library.custom_op("gammamod::mod_select", mutates_args=())
+def mod_select(scores: torch.Tensor, start: int, length: int, k: int) -> torch.Tensor:
+    """Kept token indices [B, T - length + k], ascending."""
+    b, t = scores.shape
+    device = scores.device
+    top = torch.topk(scores[:, start:start + length], k, dim=-1).indices
+    top = torch.sort(top, dim=-1).values + start
+    before = torch.arange(start, device=device).expand(b, start)
+    after = torch.arange(start + length, t, device=device).expand(b, t - start - length)
+    return torch.cat([before, top, after], dim=1)
+
+
+@mod_select.register_fake
+def _(scores, start, length, k):
+    b, t = scores.shape
+    return scores.new_empty((b, t - length + k), dtype=torch.int64)
+
+
+@torch.library.custom_op("gammamod::mod_gather", mutates_args=())
+def mod_gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H], kept [B, K] -> [B, K, H]."""
+    return torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@mod_gather.register_fake
+def _(x, kept):
+    return x.new_empty((x.shape[0], kept.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("gammamod::mod_scatter", mutates_args=())
+def mod_scatter(x: torch.Tensor, kept: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H] with rows ``kept`` [B, K] replaced by y [B, K, H]."""
+    return x.scatter(1, kept[..., None].expand(-1, -1, x.shape[-1]), y)
+
+
+@mod_scatter.register_fake
+def _(x, kept, y):
+    return torch.empty_like(x)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: schemas (so the exporter can emit our nodes), translations, function bodies
+
+_registered = False
+
+
+def register_onnx_schemas() -> None:
+    """Declare our node types to the onnx package, once per process."""
+    global _registered
+    if _registered:
+        return
+    from onnx import defs
+
+    fp, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    plugin = [attr("plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
+              attr("plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version")]
+    schemas = [
+        defs.OpSchema("MoDSelect", DOMAIN, OPSET_VERSION, doc="Kept token indices of a MoD layer.",
+                      inputs=[fp("scores", "T")], outputs=[fp("kept", "tensor(int64)")],
+                      type_constraints=[("T", floats, "")],
+                      attributes=[attr("start", defs.OpSchema.AttrType.INT, "span start"),
+                                  attr("length", defs.OpSchema.AttrType.INT, "span length"),
+                                  attr("k", defs.OpSchema.AttrType.INT, "kept span tokens")] + plugin),
+        defs.OpSchema("MoDGather", DOMAIN, OPSET_VERSION, doc="Gather the kept tokens.",
+                      inputs=[fp("x", "T"), fp("kept", "tensor(int64)")], outputs=[fp("y", "T")],
+                      type_constraints=[("T", floats, "")], attributes=plugin),
+        defs.OpSchema("MoDScatter", DOMAIN, OPSET_VERSION, doc="Write the processed tokens back.",
+                      inputs=[fp("x", "T"), fp("kept", "tensor(int64)"), fp("y", "T")], outputs=[fp("out", "T")],
+                      type_constraints=[("T", floats, "")], attributes=plugin),
+    ]
+    for schema in schemas:
+        try:
+            defs.register_schema(schema)
+        except Exception:  # already registered by an earlier import of this module
+            pass
+    _registered = True
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: our ops -> our domain's nodes."""
+    import onnxscript
+
+    register_onnx_schemas()
+    gm = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+    plugin = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+
+    def select(scores, start: int, length: int, k: int):
+        return gm.MoDSelect(scores, start=start, length=length, k=k, **plugin)
+
+    def gather(x, kept):
+        return gm.MoDGather(x, kept, **plugin)
+
+    def scatter(x, kept, y):
+        return gm.MoDScatter(x, kept, y, **plugin)
+
+    return {torch.ops.gammamod.mod_select.default: select, torch.ops.gammamod.mod_gather.default: gather,
+            torch.ops.gammamod.mod_scatter.default: scatter}
+
+
+def function_protos(opset: int) -> list:
+    """ONNX function bodies of standard ops for our node types (what ONNX Runtime runs)."""
+    import onnx
+    import onnxscript
+    from onnxscript import opset20 as op
+
+    if opset < 20:
+        raise ValueError(f"function bodies are written for opset 20, the graph has {opset}")
+    gm = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+
+    @onnxscript.script(gm, default_opset=op)
+    def MoDSelect(scores, start: int, length: int, k: int):
+        one_d = op.Constant(value_ints=[1])
+        s = op.Constant(value_int=start)
+        e = op.Add(s, op.Constant(value_int=length))
+        span = op.Slice(scores, op.Reshape(s, one_d), op.Reshape(e, one_d), one_d)
+        kk = op.Reshape(op.Constant(value_int=k), one_d)
+        _, top = op.TopK(span, kk, axis=-1, largest=1, sorted=1)
+        ordered, _ = op.TopK(top, kk, axis=-1, largest=0, sorted=1)  # ascending sequence order
+        shape = op.Shape(scores)
+        b = op.Slice(shape, op.Constant(value_ints=[0]), one_d)
+        t = op.Squeeze(op.Slice(shape, one_d, op.Constant(value_ints=[2])))
+        zero, step = op.Constant(value_int=0), op.Constant(value_int=1)
+        before = op.Range(zero, s, step)
+        after = op.Range(e, t, step)
+        axis0 = op.Constant(value_ints=[0])
+        before = op.Expand(op.Unsqueeze(before, axis0), op.Concat(b, op.Shape(before), axis=0))
+        after = op.Expand(op.Unsqueeze(after, axis0), op.Concat(b, op.Shape(after), axis=0))
+        return op.Concat(before, op.Add(ordered, s), after, axis=1)
+
+    @onnxscript.script(gm, default_opset=op)
+    def MoDGather(x, kept):
+        index = op.Unsqueeze(kept, op.Constant(value_ints=[-1]))
+        shape = op.Concat(op.Shape(kept), op.Slice(op.Shape(x), op.Constant(value_ints=[2]),
+                                                   op.Constant(value_ints=[3])), axis=0)
+        return op.GatherElements(x, op.Expand(index, shape), axis=1)
+
+    @onnxscript.script(gm, default_opset=op)
+    def MoDScatter(x, kept, y):
+        index = op.Expand(op.Unsqueeze(kept, op.Constant(value_ints=[-1])), op.Shape(y))
+        return op.ScatterElements(x, index, y, axis=1)
+
+    protos = []
+    for fn in (MoDSelect, MoDGather, MoDScatter):
+        proto = fn.to_function_proto()
+        # declared so the node's plugin attributes are valid on the function; the body ignores them
+        proto.attribute.extend(["plugin_namespace", "plugin_version"])
+        protos.append(proto)
+    return protos
+
+
+def attach_functions(model) -> None:
+    """Add the function bodies for the node types a ``ModelProto`` uses (idempotent)."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {(f.domain, f.name) for f in model.functions}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    for proto in function_protos(opset):
+        if proto.name in used and (DOMAIN, proto.name) not in have:
+            model.functions.append(proto)
+
+
+def strip_functions(model) -> int:
+    """Remove our function bodies (the copy TensorRT parses binds the nodes to the plugin)."""
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    removed = len(model.functions) - len(keep)
+    del model.functions[:]
+    model.functions.extend(keep)
+    return removed
