@@ -178,7 +178,7 @@ def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, c
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().contiguous().view(torch.uint8).numpy()
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def write_weights(ckpt: Checkpoint, specs, path: Path, dtype: torch.dtype, stages) -> dict:

@@ -35,14 +35,23 @@ def _masked(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(drop, torch.finfo(scores.dtype).min)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Scores and softmax in float32 whatever the model's precision (as transformers' Llama)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def causal_attention(q, k, v) -> torch.Tensor:
     """Causal attention over the new tokens alone (prefill): q [B,H,T,d], k/v [B,Hkv,T,d]."""
     b, h, t, d = q.shape
     qg = _grouped(q * d ** -0.5, k.shape[1])
-    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, T]
+    scores = _f32(qg @ k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
     pos = torch.arange(t, device=q.device)
     scores = _masked(scores, pos[None, :] > pos[:, None])
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    probs = _as(torch.softmax(scores, dim=-1), q.dtype)
     return (probs @ v.unsqueeze(2)).reshape(b, h, t, d)
 
 
@@ -51,14 +60,14 @@ def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
     tokens (causally), with one softmax across both parts. The cache is only read."""
     b, h, t, d = q.shape
     qg = _grouped(q * d ** -0.5, k.shape[1])
-    past = (qg @ past_k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, C]
+    past = _f32(qg @ past_k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, C]
     cap = past.shape[-1]
     slot = torch.arange(cap, device=q.device)
     past = _masked(past, (slot[None, :] >= past_len[:, None])[:, None, None, None, :])
-    new = (qg @ k.unsqueeze(2).transpose(-1, -2)).float()  # [B, Hkv, G, T, T]
+    new = _f32(qg @ k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
     pos = torch.arange(t, device=q.device)
     new = _masked(new, pos[None, :] > pos[:, None])
-    probs = torch.softmax(torch.cat([past, new], dim=-1), dim=-1).to(q.dtype)
+    probs = _as(torch.softmax(torch.cat([past, new], dim=-1), dim=-1), q.dtype)
     out = probs[..., :cap] @ past_v.unsqueeze(2) + probs[..., cap:] @ v.unsqueeze(2)
     return out.reshape(b, h, t, d)
 
@@ -90,7 +99,7 @@ def _last_logits(model: MoDLlava, hidden: torch.Tensor, seq_lengths: torch.Tenso
     """Logits of each row's last real token [B, V] (float32): the lm_head runs on B tokens."""
     index = (seq_lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, hidden.shape[-1])
     last = torch.gather(hidden, 1, index)[:, 0]
-    return model.lm_head(last).float()
+    return _f32(model.lm_head(last))
 
 
 class PrefillGraph(nn.Module):

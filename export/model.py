@@ -90,21 +90,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
-        x = x.float()
+        x = x.float()  # half precision: normalise in float32, as transformers' Llama does
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
-def rotary(positions: torch.Tensor, head_dim: int, theta: float, linear_factor: float,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_frequencies(cfg: "DecoderConfig", device) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    return inv_freq / cfg.rope_linear_factor
+
+
+def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, 1, T, head_dim] for integer positions [B, T] (Llama's rotate-half RoPE)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
-                                .float() / head_dim))
-    inv_freq = inv_freq / linear_factor
     freqs = positions.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos[:, None], sin[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -122,14 +129,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """Project and rotate: q [B, H, T, d], k and v [B, Hkv, T, d]."""
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Project and rotate with the (cos, sin) tables: q [B, H, T, d], k and v [B, Hkv, T, d]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, x.dtype)
+        cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k, v
@@ -182,6 +189,24 @@ class Step:
     span: tuple[int, int] | None = None
     capacity: dict[int, int] = field(default_factory=dict)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # out: kept indices per MoD layer
+    _tables: dict = field(default_factory=dict)  # RoPE tables shared by the layers of this chunk
+
+    def rope(self, cfg: DecoderConfig, positions: torch.Tensor, dtype, key: str | None = None):
+        """(cos, sin) for ``positions``; layers sharing positions (``key``) share the tables."""
+        if key is not None and key in self._tables:
+            return self._tables[key]
+        if "inv_freq" not in self._tables:
+            self._tables["inv_freq"] = inverse_frequencies(cfg, positions.device)
+        tables = rotary(positions, self._tables["inv_freq"], dtype)
+        if key is not None:
+            self._tables[key] = tables
+        return tables
+
+    def sequence_positions(self, t: int, device) -> torch.Tensor:
+        """Absolute positions [B, T] of this chunk's tokens (dense layers, p-MoD layers)."""
+        if "positions" not in self._tables:
+            self._tables["positions"] = self.past_length[:, None] + torch.arange(t, device=device)
+        return self._tables["positions"]
 
 
 class KVStore:
@@ -278,10 +303,12 @@ class DecoderLayer(nn.Module):
         return self.recipe.is_mod_layer(self.layer_idx)
 
     # -- the two halves of a Llama layer -------------------------------------------------------
-    def block(self, x, positions, kv: KVStore, count):
-        """``h = x + attn(norm(x))`` and ``m = mlp(norm(h))``: the caller combines them."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        h = x + self.self_attn.out(kv.attend(self.layer_idx, q, k, v, count))
+    def block(self, x, positions, step: Step, count, shared: str | None = None):
+        """``h = x + attn(norm(x))`` and ``m = mlp(norm(h))``: the caller combines them.
+        ``shared`` names positions other layers of the chunk use too (their RoPE is computed once)."""
+        rope = step.rope(self.self_attn.cfg, positions, x.dtype, shared)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
+        h = x + self.self_attn.out(step.kv.attend(self.layer_idx, q, k, v, count))
         return h, self.mlp(self.post_attention_layernorm(h))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,8 +321,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         t = x.shape[1]
         if not self.is_mod or step.routing == "dense":
-            positions = step.past_length[:, None] + torch.arange(t, device=x.device)
-            h, m = self.block(x, positions, step.kv, step.valid)
+            h, m = self.block(x, step.sequence_positions(t, x.device), step, step.valid, shared="sequence")
             return h + m
         if step.routing == "reference" and self.recipe.router == "shared-binary" and t > 1:
             return self._gamma_threshold(x, step)  # the authors threshold every multi-token chunk
@@ -318,7 +344,7 @@ class DecoderLayer(nn.Module):
         else:
             positions = step.past_length[:, None] + kept
         count = step.valid - (length - k)  # padding rows end after the span
-        h, m = self.block(xs, positions, step.kv, count)
+        h, m = self.block(xs, positions, step, count)
         mlp_scale, skip_scale = R.output_weights(recipe, weight, kept)
         return R.scatter_tokens(x, kept, h + mlp_scale * m, skip_scale)
 
@@ -332,7 +358,7 @@ class DecoderLayer(nn.Module):
         if kept.numel() == 0:
             return x
         positions = self._own_positions(step, kept.numel(), x.device)
-        h, m = self.block(x[:, kept], positions, step.kv, kept.new_full((1,), kept.numel()))
+        h, m = self.block(x[:, kept], positions, step, kept.new_full((1,), kept.numel()))
         out = x.clone()
         out[:, kept] = h + score[kept][None, :, None] * m
         return out
@@ -350,8 +376,7 @@ class DecoderLayer(nn.Module):
         kept[torch.topk(weight, k).indices] = True
         idx = torch.nonzero(kept).flatten()
         step.kept[self.layer_idx] = idx[None]
-        h, m = self.block(x[:, kept], step.past_length[:, None] + idx[None], step.kv,
-                          idx.new_full((1,), idx.numel()))
+        h, m = self.block(x[:, kept], step.past_length[:, None] + idx[None], step, idx.new_full((1,), idx.numel()))
         out = x.clone()
         out[:, kept] = m
         out[:, target] *= weight[target][:, None]
@@ -363,8 +388,7 @@ class DecoderLayer(nn.Module):
         recipe, t = self.recipe, x.shape[1]
         if recipe.decode == "dense":
             # p-MoD: text runs densely at absolute positions; the cache holds text + kept image.
-            positions = step.past_length[:, None] + torch.arange(t, device=x.device)
-            h, m = self.block(x, positions, step.kv, step.valid)
+            h, m = self.block(x, step.sequence_positions(t, x.device), step, step.valid, shared="sequence")
             return h + m
         # gamma-MoD: positions continue this layer's own (renumbered) cache. A single decoded token
         # runs the layer only when r >= 0.5, else it passes through and appends nothing; a chunk of
@@ -377,7 +401,7 @@ class DecoderLayer(nn.Module):
             return x  # eager: no row runs the layer, skip its compute entirely
         count = torch.where(run, step.valid, torch.zeros_like(step.valid))
         positions = self._own_positions(step, t, x.device)
-        h, m = self.block(x, positions, step.kv, count)
+        h, m = self.block(x, positions, step, count)
         return torch.where(run[:, None, None], h + r[..., None] * m, x)
 
     def _own_positions(self, step: Step, n: int, device) -> torch.Tensor:

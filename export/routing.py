@@ -35,10 +35,13 @@ def routing_weights(recipe: Recipe, score: torch.Tensor, start: int, length: int
     """
     if recipe.score_norm is None:
         return score
-    b, t = score.shape
-    ones = score.new_ones
-    span = _apply_norm(recipe, score[:, start:start + length])
-    return torch.cat([ones(b, start), span, ones(b, t - start - length)], dim=1)
+    pos = torch.arange(score.shape[1], device=score.device)
+    inside = (pos >= start) & (pos < start + length)  # [T]: the routable span
+    if recipe.score_norm.kind == "softmax":
+        weight = _apply_norm(recipe, score.masked_fill(~inside, float("-inf")))
+    else:
+        weight = _apply_norm(recipe, score)
+    return torch.where(inside, weight, torch.ones_like(weight))
 
 
 def normalise_masked(recipe: Recipe, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
