@@ -201,6 +201,13 @@ def write_weights(ckpt: Checkpoint, specs, path: Path, dtype: torch.dtype, stage
     return out.placements
 
 
+def _np_dtype_name(dtype) -> str:
+    import onnx_ir as ir
+
+    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+            ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}[dtype]
+
+
 def _merge_specs(*lists):
     seen = {}
     for specs in lists:
@@ -265,24 +272,29 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
             placements["vision.weights"] = write_weights(ckpt, specs["vision"], partial / "vision.weights", dtype,
                                                          stages)
         stages("writing graphs, embeddings, tokenizer, manifest")()
+        import onnx
+
         graph_entries = {}
         for kind, g in graphs.items():
             weights = "vision.weights" if kind == "vision" else "decoder.weights"
             bind_weights(g, partial / weights, placements[weights])
             proto = to_proto(g, doc=f"gammamod {kind} graph ({ckpt.recipe.name}, {routing} routing)")
             name = f"{kind}.onnx"
-            import onnx
-
             onnx.save(proto, str(partial / name))
-            graph_entries[kind] = {"file": name, "weights": [weights], **io_spec(proto)}
+            graph_entries[kind] = {"file": name, "weights": [weights], **io_spec(proto),
+                                   "initializers": sorted(s.name for s in specs[kind])}
+        weight_tables = {file: {s.name: [*placements[file][s.name], _np_dtype_name(s.dtype), list(s.shape)]
+                                for s in (decoder_specs if file == "decoder.weights" else specs["vision"])}
+                         for file in placements}
         embed = ckpt.weights.tensor("model.embed_tokens.weight", dtype)
-        np.save(partial / "embed_tokens.npy", _tensor_bytes(embed).view(
-            {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]))
+        np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
+        np.save(partial / "embed_tokens.npy", _tensor_bytes(embed).view(np_dtype).reshape(tuple(embed.shape)))
         del embed
         copied = [f for f in TOKENIZER_FILES if (ckpt.info.path / f).is_file()]
         for f in copied:
             shutil.copy(ckpt.info.path / f, partial / f)
         data = _manifest_data(ckpt, opts, routing, layout, capacity, dtype, max_seq, graph_entries, tokenizer, copied)
+        data["weights"] = weight_tables
         manifest = Manifest(data, partial)
         if opts.tensorrt:
             from gammamod.engines.prepare import write_tensorrt_copies

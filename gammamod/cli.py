@@ -79,6 +79,63 @@ def cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# export, check-onnx
+
+
+def _span(text: str) -> tuple[int, int]:
+    try:
+        start, length = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:LEN (two integers), got {text!r}") from None
+    if start < 0 or length < 1:
+        raise argparse.ArgumentTypeError(f"expected START >= 0 and LEN >= 1, got {text!r}")
+    return start, length
+
+
+def cmd_export(args) -> int:
+    from gammamod.export.exporter import ExportOptions, export_artifact, read_capacity_file
+
+    from .console import StageProgress, console
+
+    opts = ExportOptions(
+        routing="dense" if args.dense else "static", dtype=args.dtype, skip_ratio=args.skip_ratio,
+        capacity=read_capacity_file(args.capacity) if args.capacity else None, routable=args.routable,
+        image_tokens=args.image_tokens, image_start=args.image_start, max_batch=args.max_batch,
+        max_seq=args.max_seq, vision_tower=args.vision_tower, force=args.force, tensorrt=args.for_tensorrt or [])
+    with StageProgress("export") as progress:
+        manifest = export_artifact(args.checkpoint, args.out, opts, progress=progress)
+    routing = manifest["routing"]
+    caps = manifest.capacities
+    what = (f"static routing, span {routing['routable_span']}, kept per MoD layer "
+            f"{min(caps.values())}..{max(caps.values())}" if caps else "dense")
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
+    console.print(f"exported {manifest['recipe']['name']} ({what}, {manifest['model']['dtype']}) to {args.out} "
+                  f"({size:.1f} MiB, graphs: {', '.join(manifest['graphs'])})", soft_wrap=True)
+    for version in manifest["tensorrt"]["targets"]:
+        console.print(f"TensorRT {version} copies: {', '.join(v for k, v in manifest['tensorrt']['targets'][version].items() if k != 'notes')}",
+                      soft_wrap=True)
+    return 0
+
+
+def cmd_check_onnx(args) -> int:
+    from gammamod.engines.lint import lint_artifact, lint_model_file
+
+    from .console import console
+
+    path = Path(args.path)
+    if path.is_dir():
+        findings, files = lint_artifact(path, args.tensorrt)
+    else:
+        findings, files = lint_model_file(path, args.tensorrt), [path.name]
+    errors = [f for f in findings if f.severity == "error"]
+    for f in findings:
+        console.print(str(f), markup=False, soft_wrap=True, style="red" if f.severity == "error" else "yellow")
+    console.print(f"TensorRT {args.tensorrt}: checked {', '.join(files)}: {len(errors)} errors, "
+                  f"{len(findings) - len(errors)} warnings", soft_wrap=True)
+    return 1 if errors else 0
+
+
+# --------------------------------------------------------------------------------------------
 # demo
 
 
@@ -139,6 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local CLIP vision tower directory, when the checkpoint names a hub id")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export a checkpoint to static-capacity ONNX with a manifest",
+                       description="Export a gamma-MoD, p-MoD or LLaVA checkpoint to an artifact directory: "
+                                   "vision, prefill and decode ONNX graphs (MoD ops as custom nodes with ONNX "
+                                   "function bodies, so ONNX Runtime runs them), shared external weights, token "
+                                   "embeddings, tokenizer and manifest.json.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path, help="artifact directory to create")
+    p.add_argument("--vision-tower", type=Path, default=None,
+                   help="local CLIP vision tower directory, when the checkpoint names a hub id")
+    p.add_argument("--dense", action="store_true", help="ignore the routers: the dense baseline of this checkpoint")
+    p.add_argument("--routable", type=_span, default=None, metavar="START:LEN",
+                   help="routable span, overriding the one derived from the prompt template and image tokens")
+    p.add_argument("--image-tokens", type=_positive_int, default=None,
+                   help="image tokens per image (default: from the vision tower)")
+    p.add_argument("--image-start", type=int, default=None,
+                   help="tokens before the image in the prompt (default: from the tokenizer and template)")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--skip-ratio", type=_ratio, default=None, help="gamma-MoD: share of routable tokens each "
+                     "MoD layer skips (default 0.5)")
+    cap.add_argument("--capacity", type=Path, default=None,
+                     help="JSON file {MoD layer index: kept count} (what calibration writes)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--max-batch", type=_positive_int, default=8)
+    p.add_argument("--max-seq", type=_positive_int, default=None,
+                   help="longest sequence (default: the model's max positions, at most 4096)")
+    p.add_argument("--for-tensorrt", action="append", choices=("10.3", "10.x", "11.x"), metavar="VERSION",
+                   help="also write the copies TensorRT VERSION parses (10.3, 10.x or 11.x; repeatable)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check-onnx", help="lint an artifact or ONNX file for a TensorRT version's parser",
+                       description="Read the graphs statically and report what that TensorRT version's ONNX parser "
+                                   "would reject: unsupported ops, TopK K >= 3840 or not constant, custom nodes "
+                                   "without plugin attributes, function bodies that would shadow the plugin, "
+                                   "data-dependent shapes. Exit 1 on errors.")
+    p.add_argument("path", type=Path, help="artifact directory or .onnx file")
+    p.add_argument("--tensorrt", required=True, choices=("10.3", "10.x", "11.x"))
+    p.set_defaults(func=cmd_check_onnx)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on seeded tiny checkpoints",
                        description="Make tiny gamma-MoD and p-MoD checkpoints, generate from the bundled test "

@@ -37,3 +37,41 @@ def token_progress(total: int, title: str):
 
 def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+class StageProgress:
+    """Progress of a multi-stage job: one line per stage, a bar where the stage knows its size.
+    ``stage(name, total)`` starts a stage and returns ``advance(n=1)``."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=err_console)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._finish()
+            self._progress.__exit__(*exc)
+        return False
+
+    def _finish(self):
+        if self._task is not None:
+            task = self._progress.tasks[-1]
+            self._progress.update(self._task, completed=task.total or 1, total=task.total or 1)
+
+    def stage(self, name: str, total: int | None = None):
+        if self._progress is None:
+            return lambda n=1: None
+        self._finish()
+        self._task = self._progress.add_task(f"{self.title}: {name}", total=total)
+        task = self._task
+        return lambda n=1: self._progress.advance(task, n)

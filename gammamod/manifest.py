@@ -14,6 +14,8 @@ Top-level fields (schema_version 1):
 * ``embeddings``: the token embedding table (a .npy file), kept outside the decoder graph.
 * ``tokenizer``, ``prompt``, ``image``: what turns text and pictures into inputs; None when the
   checkpoint has no tokenizer or no vision tower (see ``absent``).
+* ``weights``: per weights file, each tensor's [offset, bytes, dtype, shape], so a runtime can
+  map the weights once and hand them to every graph that uses them.
 * ``files``: every file with sha256 and size. ``tensorrt``: plugin identity and per-version copies.
 * ``tools``: the versions of the tools that wrote the artifact.
 """
@@ -173,6 +175,11 @@ def validate(data, where: Path) -> None:
                       where, f"graphs.{kind}.{side}: bad entry {item!r}")
         for extra in g.get("weights", []):
             _need(extra in files, where, f"graphs.{kind}.weights names {extra!r}, not a listed file")
+    for file, table in (data.get("weights") or {}).items():
+        _need(file in files and isinstance(table, dict), where, f"weights[{file!r}] must describe a listed file")
+        for name, entry in table.items():
+            _need(isinstance(entry, list) and len(entry) == 4, where,
+                  f"weights[{file!r}][{name!r}] must be [offset, bytes, dtype, shape]")
     emb = data["embeddings"]
     _need(emb.get("file") in files, where, "embeddings.file must name a listed file")
     absent = set(data["absent"])

@@ -1,0 +1,136 @@
+"""ONNX Runtime backend (``onnxruntime`` for CPU, ``onnxruntime-gpu`` for CUDA).
+
+The two decoder graphs share one weights file. On CPU each weight is memory-mapped once and
+handed to both sessions with ``SessionOptions.add_initializer``, so the weights are held once
+(with pre-packing off: ONNX Runtime would otherwise repack each MatMul weight per session).
+Inputs are bound with IOBinding over the caller's arrays, so the KV cache is never copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from gammamod.errors import GammamodError
+
+from .base import Backend
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise GammamodError("backend 'ort' needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu "
+                            "for CUDA; never both)") from None
+    return ort
+
+
+class OrtRunner:
+    def __init__(self, kind: str, session, device: str):
+        self.kind = kind
+        self.session = session
+        self.device = device
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        ort = _ort()
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))  # no copy for contiguous arrays
+        names = outputs or self.output_names
+        for name in names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        return dict(zip(names, io.copy_outputs_to_cpu()))
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, manifest, device: str = "cpu", threads: int | None = None, share_weights: bool = True,
+                 optimization: str = "all", profile_dir: str | None = None):
+        ort = _ort()
+        self.manifest = manifest
+        self.device = device
+        if device == "cpu":
+            self.providers = ["CPUExecutionProvider"]
+        elif device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise GammamodError("device 'cuda': this onnxruntime has no CUDA provider (install onnxruntime-gpu "
+                                    "in place of onnxruntime)")
+            index = int(device.split(":")[1]) if ":" in device else 0
+            self.providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        else:
+            raise GammamodError(f"device {device!r} for backend 'ort': expected cpu, cuda or cuda:N")
+        self.threads = threads or _physical_cores()
+        # numpy has no bfloat16: such weights are left to ONNX Runtime's own loading
+        self.share_weights = share_weights and device == "cpu" and manifest["model"]["dtype"] != "bfloat16"
+        self.optimization = optimization
+        self.profile_dir = profile_dir
+        self._mapped: dict[str, np.memmap] = {}
+        self._values: dict[tuple[str, str], object] = {}
+
+    def _options(self, kind: str):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.optimization]
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if self.profile_dir:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(self.profile_dir, f"ort_{kind}")
+        graph = self.manifest.graph(kind)
+        if self.share_weights:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            for file in graph.get("weights", []):
+                table = self.manifest["weights"][file]
+                for name in graph.get("initializers", []):
+                    so.add_initializer(name, self._value(file, name, table[name]))
+        return so
+
+    def _value(self, file: str, name: str, entry):
+        """One weight as an OrtValue over the memory-mapped weights file (made once, shared)."""
+        ort = _ort()
+        key = (file, name)
+        if key not in self._values:
+            if file not in self._mapped:
+                self._mapped[file] = np.memmap(self.manifest.path(file), mode="r")
+            offset, nbytes, dtype, shape = entry
+            arr = self._mapped[file][offset:offset + nbytes].view(np.dtype(dtype)).reshape(shape)
+            self._values[key] = ort.OrtValue.ortvalue_from_numpy(arr)
+        return self._values[key]
+
+    def open(self, kind: str) -> OrtRunner:
+        ort = _ort()
+        graph = self.manifest.graph(kind)
+        if graph is None:
+            raise GammamodError(f"{self.manifest.root}: the artifact has no {kind} graph")
+        path = str(self.manifest.path(graph["file"]))
+        try:
+            session = ort.InferenceSession(path, self._options(kind), providers=self.providers)
+        except Exception as e:  # a damaged graph: say which file, in one line
+            raise GammamodError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        return OrtRunner(kind, session, self.device)
+
+    def describe(self) -> str:
+        return f"ort ({self.device}, {self.threads} threads)"
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1

@@ -1,0 +1,92 @@
+"""A per-layer KV cache in host memory, written in place.
+
+Each layer owns one buffer for keys and one for values, reserved at the manifest's maximum
+length when the generator is made (``np.empty``: pages cost memory only once written). Each
+layer keeps its own length per row: MoD layers hold fewer entries, and a gamma-MoD decode step
+the gate skips appends nothing.
+
+The graphs take a layer's cache as [B, Hkv, C, d] with C the layer's current window; the view
+of the first B*Hkv*C*d elements of the buffer is contiguous, so it is bound with no copy. A
+decode step writes only its new entries (``write``). When a layer outgrows its window, the
+window doubles and the rows move apart inside the same buffer: a copy amortised over the steps
+that filled the window, never one per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gammamod.errors import GammamodError
+
+MIN_WINDOW = 64
+
+
+class KVCache:
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype):
+        self.layers, self.batch, self.kv_heads, self.head_dim = layers, batch, kv_heads, head_dim
+        self.max_seq = max_seq
+        self.dtype = np.dtype(dtype)
+        size = batch * kv_heads * max_seq * head_dim
+        self._keys = [np.empty(size, self.dtype) for _ in range(layers)]
+        self._values = [np.empty(size, self.dtype) for _ in range(layers)]
+        self.windows = [min(MIN_WINDOW, max_seq)] * layers
+        self.lengths = np.zeros((layers, batch), dtype=np.int64)
+
+    # -- views the graphs bind ---------------------------------------------------------------
+    def _view(self, flat: np.ndarray, window: int) -> np.ndarray:
+        n = self.batch * self.kv_heads * window * self.head_dim
+        return flat[:n].reshape(self.batch, self.kv_heads, window, self.head_dim)
+
+    def keys(self, layer: int) -> np.ndarray:
+        return self._view(self._keys[layer], self.windows[layer])
+
+    def values(self, layer: int) -> np.ndarray:
+        return self._view(self._values[layer], self.windows[layer])
+
+    # -- growth and writes ---------------------------------------------------------------------
+    def reserve(self, layer: int, needed: int) -> None:
+        """Make room for ``needed`` entries per row in ``layer`` (doubling its window)."""
+        old = self.windows[layer]
+        if needed <= old:
+            return
+        if needed > self.max_seq:
+            raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
+                                f"artifact's max_seq {self.max_seq} (re-export with a larger --max-seq)")
+        new = old
+        while new < needed:
+            new *= 2
+        new = min(new, self.max_seq)
+        row = self.head_dim
+        for flat in (self._keys[layer], self._values[layer]):
+            # rows (b, h) move from stride old*d to stride new*d, last first so none is overwritten
+            for r in range(self.batch * self.kv_heads - 1, 0, -1):
+                flat[r * new * row:r * new * row + old * row] = flat[r * old * row:(r + 1) * old * row].copy()
+        self.windows[layer] = new
+
+    def write(self, layer: int, keys: np.ndarray, values: np.ndarray, start: np.ndarray | None = None) -> None:
+        """Write a chunk's new entries [B, Hkv, T, d] at each row's current length (or ``start``).
+        Entries past a row's valid count are written too and ignored: the length says what counts."""
+        start = self.lengths[layer] if start is None else start
+        t = keys.shape[2]
+        self.reserve(layer, int(start.max()) + t)
+        kv, vv = self.keys(layer), self.values(layer)
+        for b in range(self.batch):
+            s = int(start[b])
+            kv[b, :, s:s + t] = keys[b]
+            vv[b, :, s:s + t] = values[b]
+
+    def reset(self) -> None:
+        self.lengths[:] = 0
+        self.windows = [min(MIN_WINDOW, self.max_seq)] * self.layers
+
+    # -- reporting -----------------------------------------------------------------------------
+    def entry_bytes(self) -> int:
+        """Bytes of one cached token in one layer (keys and values)."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def bytes_used(self) -> np.ndarray:
+        """[layers] bytes of valid entries, summed over rows."""
+        return self.lengths.sum(axis=1) * self.entry_bytes()
+
+    def bytes_reserved(self) -> int:
+        return 2 * sum(f.nbytes for f in self._keys)

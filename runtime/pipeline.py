@@ -1,0 +1,264 @@
+"""``Pipeline``: images and prompts in, text out, from an exported artifact, without torch.
+
+    pipe = Pipeline.load("artifact/", backend="ort", device="cpu")
+    results = pipe.generate(["cat.jpg"], ["What is in the picture?"], max_new_tokens=64)
+
+The pipeline reads only the manifest and the files it names: the tokenizer, the image
+processor settings, the token embedding table, and the graphs (through a backend).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gammamod.errors import GammamodError
+from gammamod.manifest import read_manifest
+
+from .generator import Generator
+from .image import ImageProcessor, load_image
+from .prompt import IMAGE_TOKEN_INDEX, Template, tokenize_with_image
+from .sampling import choose
+from .tokenizer import Tokenizer
+
+BACKENDS = ("ort", "tensorrt")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # eos | stop | length
+    prompt_tokens: int
+
+
+@dataclass
+class GenerationStats:
+    vision_s: float = 0.0
+    prefill_s: float = 0.0  # time to first token, vision included
+    decode_s: float = 0.0
+    new_tokens: int = 0  # decode steps x rows
+    steps: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.vision_s + self.prefill_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Prepared:
+    """Prompts (and images) turned into decoder inputs."""
+
+    inputs_embeds: np.ndarray  # [B, T, H], right-padded
+    lengths: np.ndarray  # [B]
+    routable: tuple[int, int] | None
+    token_ids: list[list[int]] = field(default_factory=list)
+
+
+def make_backend(name: str, manifest, device: str = "cpu", threads: int | None = None, **kw):
+    if name == "ort":
+        from .backends.ort import OrtBackend
+
+        return OrtBackend(manifest, device=device, threads=threads, **kw)
+    if name == "tensorrt":
+        from .backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(manifest, device=device, **kw)
+    raise GammamodError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+class TextStream:
+    """Incremental detokenisation: emits text as tokens arrive, holding back an incomplete
+    UTF-8 sequence (byte-fallback pieces decode to U+FFFD until the character is whole)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+
+class Pipeline:
+    def __init__(self, manifest, backend, tokenizer: Tokenizer | None):
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self._runners: dict[str, object] = {}
+        emb = manifest["embeddings"]
+        self.embeddings = np.load(manifest.path(emb["file"]), mmap_mode="r")
+        if list(self.embeddings.shape) != list(emb["shape"]):
+            raise GammamodError(f"{manifest.path(emb['file'])}: shape {list(self.embeddings.shape)}, manifest says "
+                                f"{emb['shape']}")
+        image = manifest.get("image")
+        self.image_processor = ImageProcessor(image["processor"], image["aspect"]) if image else None
+        prompt = manifest.get("prompt") or {}
+        self.template = Template.from_dict(prompt["template"]) if prompt.get("template") else None
+        self.last_stats = GenerationStats()
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, artifact_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
+             threads: int | None = None, verify: bool = True, **backend_options) -> "Pipeline":
+        """Open an artifact. ``verify`` checks every file against the manifest's sha256 (turn it off
+        for the fastest start when the files are known good)."""
+        manifest = read_manifest(artifact_dir)
+        if backend not in BACKENDS:
+            raise GammamodError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if verify:
+            manifest.verify_files()
+        else:
+            for name in manifest["files"]:
+                if not manifest.path(name).is_file():
+                    raise GammamodError(f"{manifest.path(name)}: missing (named in manifest.json)")
+        engine = make_backend(backend, manifest, device=device, threads=threads, **backend_options)
+        tokenizer = None
+        if "tokenizer" not in manifest["absent"]:
+            tokenizer = Tokenizer.from_dir(manifest.root)
+        return cls(manifest, engine, tokenizer)
+
+    def runner(self, kind: str):
+        if kind not in self._runners:
+            self._runners[kind] = self.backend.open(kind)
+        return self._runners[kind]
+
+    def generator(self, batch_size: int = 1) -> Generator:
+        return Generator(self.manifest, self.backend, self.runner, self.embeddings, batch_size)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def encode_images(self, images) -> np.ndarray:
+        """Images (paths or PIL images) -> projected features [N, image tokens, hidden]."""
+        if self.image_processor is None or "vision" in self.manifest["absent"]:
+            raise GammamodError(f"{self.manifest.root}: this artifact has no vision graph (exported from a "
+                                "checkpoint without vision tower); pass embeddings to a Generator instead")
+        pictures = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+        pixels = self.image_processor.batch(pictures)
+        model_dtype = self.manifest["model"]["dtype"]
+        if model_dtype == "float16":
+            pixels = pixels.astype(np.float16)
+        return self.runner("vision").run({"pixel_values": pixels})["image_features"]
+
+    def prepare(self, images, prompts: list[str], history=None) -> Prepared:
+        """Render the template, tokenise with ``<image>`` expansion, embed, splice image features."""
+        if self.tokenizer is None or self.template is None:
+            raise GammamodError(f"{self.manifest.root}: the artifact has no tokenizer; use a Generator with your "
+                                "own embeddings")
+        n = len(prompts)
+        if images is not None and len(images) != n:
+            raise GammamodError(f"{len(images)} images for {n} prompts: give one image per prompt, or none")
+        has_image = images is not None
+        texts = [self.template.prompt(p, has_image=has_image) for p in prompts]
+        ids = [tokenize_with_image(self.tokenizer, t) for t in texts]
+        features = self.encode_images(images) if has_image else None
+        rows, span = [], None
+        hidden = self.manifest["model"]["hidden_size"]
+        dtype = self.embeddings.dtype
+        for b, row in enumerate(ids):
+            if features is None:
+                rows.append(np.asarray(self.embeddings[row], dtype=dtype))
+                continue
+            at = row.index(IMAGE_TOKEN_INDEX)
+            rows.append(np.concatenate([self.embeddings[row[:at]], features[b].astype(dtype),
+                                        self.embeddings[row[at + 1:]]]))
+            span = (at, features.shape[1])
+        lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
+        max_seq = self.manifest["kv_cache"]["max_seq"]
+        if lengths.max() > max_seq:
+            raise GammamodError(f"prompt and image take {int(lengths.max())} tokens, more than the artifact's "
+                                f"max_seq {max_seq}")
+        x = np.zeros((n, int(lengths.max()), hidden), dtype=dtype)
+        for b, r in enumerate(rows):
+            x[b, :r.shape[0]] = r
+        routable = None
+        if span is not None:
+            routing = self.manifest["routing"]
+            recipe_span = self.manifest["recipe"]["span"]
+            routable = (0, span[0] + span[1]) if recipe_span == "prefix" else span
+            if routing.get("image_start") is not None and span[0] != routing["image_start"]:
+                raise GammamodError(f"the image sits at token {span[0]}, the artifact was exported for "
+                                    f"{routing['image_start']} (a different template or tokenizer?)")
+        return Prepared(x, lengths, routable, ids)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, images, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | None = None, stream=None,
+                 seed: int | None = None) -> list[GenerationResult]:
+        """Answer each prompt (about its image). ``images``: None, or one image per prompt (paths or
+        PIL images). ``stream(row, text)`` receives text as it is generated."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+            images = None if images is None else ([images] if not isinstance(images, (list, tuple)) else images)
+        if max_new_tokens < 1:
+            raise GammamodError(f"max_new_tokens {max_new_tokens}: expected at least 1")
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        prepared = self.prepare(images, list(prompts))
+        stats.vision_s = time.perf_counter() - t0
+        gen = self.generator(batch_size=len(prompts))
+        t1 = time.perf_counter()
+        logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
+        stats.prefill_s = time.perf_counter() - t1
+        results = self._decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
+                                    repetition_penalty, stop, stream, seed, stats)
+        self.last_stats = stats
+        return results
+
+    def _decode_loop(self, gen: Generator, logits, prepared: Prepared, max_new_tokens, temperature, top_p, top_k,
+                     repetition_penalty, stop, stream, seed, stats: GenerationStats) -> list[GenerationResult]:
+        b = gen.batch_size
+        rng = np.random.default_rng(seed)
+        eos = self.tokenizer.eos_id
+        history = ([[t for t in row if t >= 0] for row in prepared.token_ids]  # drop the image placeholder
+                   if repetition_penalty != 1.0 else None)
+        out_tokens: list[list[int]] = [[] for _ in range(b)]
+        streams = [TextStream(self.tokenizer) for _ in range(b)]
+        done = [None] * b
+        texts = [""] * b
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            nxt = choose(logits, temperature, top_k, top_p, repetition_penalty, history, rng)
+            for row in range(b):
+                if done[row]:
+                    continue
+                token = int(nxt[row])
+                if token == eos:
+                    done[row] = "eos"
+                    continue
+                out_tokens[row].append(token)
+                if history is not None:
+                    history[row].append(token)
+                before = len(texts[row])
+                texts[row] += streams[row].push(token)
+                hits = [texts[row].index(s) for s in stop or () if s in texts[row]]
+                if hits:
+                    texts[row] = texts[row][:min(hits)]
+                    done[row] = "stop"
+                delta = texts[row][before:]
+                if stream is not None and delta:
+                    stream(row, delta)
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            logits = gen.decode(nxt)
+            stats.steps += 1
+            stats.new_tokens += b
+        stats.decode_s = time.perf_counter() - t0
+        results = []
+        for row in range(b):
+            text = texts[row] if done[row] == "stop" else self.tokenizer.decode(out_tokens[row])
+            results.append(GenerationResult(text=text, tokens=out_tokens[row], finish_reason=done[row] or "length",
+                                            prompt_tokens=int(prepared.lengths[row])))
+        return results
