@@ -137,44 +137,110 @@ def _trace(module, args, dynamic_shapes, input_names, output_names):
     return program.model
 
 
-def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, capacity: dict[int, int],
-                 max_seq: int, stages):
-    """Trace vision (when present), prefill and decode on the meta device -> {kind: ir.Model}."""
-    cfg = ckpt.config
+def _trace_vision(model, ckpt: Checkpoint, opts: ExportOptions):
     dtype = next(model.parameters()).dtype
-    meta = dict(device="meta")
-    Dim = torch.export.Dim
+    size = ckpt.vision.tower_config["image_size"]
+    images = torch.export.Dim("images", min=1, max=opts.max_batch)
+    return _trace(VisionGraph(model), (torch.zeros(2, 3, size, size, dtype=dtype, device="meta"),),
+                  ({0: images},), ["pixel_values"], ["image_features"])
+
+
+def _trace_prefill(model, ckpt: Checkpoint, opts: ExportOptions, span, capacity: dict[int, int], max_seq: int):
+    cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
     batch = Dim("batch", min=1, max=opts.max_batch)
-    graphs = {}
-    if ckpt.vision is not None and ckpt.vision.has_tower:
-        stages("tracing vision graph")()
-        size = ckpt.vision.tower_config["image_size"]
-        graphs["vision"] = _trace(VisionGraph(model), (torch.zeros(2, 3, size, size, dtype=dtype, **meta),),
-                                  ({0: Dim("images", min=1, max=opts.max_batch)},), ["pixel_values"],
-                                  ["image_features"])
-    stages("tracing prefill graph")()
-    span = layout.routable if opts.routing == "static" and ckpt.recipe.is_mod else None
     prefill = PrefillGraph(model, opts.routing, span, capacity)
-    min_seq = max(2, span[0] + span[1]) if span else 2
+    min_seq = max(2, span[0] + span[1] + 1) if span else 2  # the question follows the span
     example_len = min(max_seq, min_seq + 3)
-    lengths = torch.zeros(2, dtype=torch.long, **meta)
-    graphs["prefill"] = _trace(
-        prefill, (torch.zeros(2, example_len, cfg.hidden_size, dtype=dtype, **meta), lengths),
+    return _trace(
+        prefill, (torch.zeros(2, example_len, cfg.hidden_size, dtype=dtype, device="meta"),
+                  torch.zeros(2, dtype=torch.long, device="meta")),
         ({0: batch, 1: Dim("seq", min=min_seq, max=max_seq)}, {0: batch}),
         ["inputs_embeds", "seq_lengths"], prefill.output_names())
-    stages("tracing decode graph")()
+
+
+def _trace_decode(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int):
+    cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
+    batch = Dim("batch", min=1, max=opts.max_batch)
     decode = DecodeGraph(model, opts.routing)
+    lengths = torch.zeros(2, dtype=torch.long, device="meta")
     cache_args, cache_dims = [], []
     for i in range(cfg.num_layers):
-        cap = Dim(f"cache_{i}", min=1, max=max_seq)
-        kv = torch.zeros(2, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype, **meta)
+        cap = Dim(f"cache_{i}", min=1, max=max_seq)  # each layer its own cache length
+        kv = torch.zeros(2, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype, device="meta")
         cache_args += [kv, kv.clone(), lengths.clone()]
         cache_dims += [{0: batch, 2: cap}, {0: batch, 2: cap}, {0: batch}]
-    graphs["decode"] = _trace(
-        decode, (torch.zeros(2, 2, cfg.hidden_size, dtype=dtype, **meta), lengths, lengths.clone(), *cache_args),
+    return _trace(
+        decode, (torch.zeros(2, 2, cfg.hidden_size, dtype=dtype, device="meta"), lengths, lengths.clone(),
+                 *cache_args),
         ({0: batch, 1: Dim("chunk", min=1, max=max_seq)}, {0: batch}, {0: batch}, tuple(cache_dims)),
         decode.input_names(), decode.output_names())
-    return graphs
+
+
+class _Forked:
+    """Run ``job`` (-> traced and prepared ir.Model, weight specs) in a forked process: tracing is
+    single-threaded Python, so two graphs trace in about the time of one on two cores. Without
+    fork (or if the child fails) the job runs here when ``result()`` is asked for."""
+
+    def __init__(self, job):
+        import multiprocessing as mp
+
+        self.job = job
+        self.proc = None
+        if "fork" in mp.get_all_start_methods():
+            ctx = mp.get_context("fork")
+            self.conn, child_conn = ctx.Pipe(duplex=False)
+            self.proc = ctx.Process(target=self._child, args=(child_conn,), daemon=True)
+            self.proc.start()
+            child_conn.close()
+
+    def _child(self, conn) -> None:
+        import onnx_ir as ir
+
+        try:
+            model = self.job()
+            specs = prepare_graph(model, prefix="model.")
+            weights = {s.name for s in specs}
+            for value in model.graph.initializers.values():
+                if value.name in weights:  # meta tensors do not serialise: a placeholder, rebound later
+                    value.const_value = ir.ExternalTensor("pending", 0, 0, value.dtype, shape=value.shape,
+                                                          name=value.name)
+            conn.send((ir.serde.serialize_model(model).SerializeToString(), specs))
+        except BaseException as e:  # the parent falls back to tracing itself
+            conn.send((None, repr(e)))
+        finally:
+            conn.close()
+
+    def result(self):
+        import onnx
+        import onnx_ir as ir
+
+        if self.proc is not None:
+            try:
+                data, specs = self.conn.recv()
+            except EOFError:
+                data, specs = None, "child exited"
+            self.proc.join()
+            if data is not None:
+                return ir.serde.deserialize_model(onnx.load_from_string(data)), specs
+        model = self.job()
+        return model, prepare_graph(model, prefix="model.")
+
+
+def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, capacity: dict[int, int],
+                 max_seq: int, stages):
+    """Trace vision (when present), prefill and decode on the meta device and prepare them
+    (``onnx_graph.prepare_graph``) -> ({kind: ir.Model}, {kind: weight specs})."""
+    span = layout.routable if opts.routing == "static" and ckpt.recipe.is_mod else None
+    stages("tracing prefill and decode graphs")()
+    decode = _Forked(lambda: _trace_decode(model, ckpt, opts, max_seq))
+    graphs, specs = {}, {}
+    if ckpt.vision is not None and ckpt.vision.has_tower:
+        graphs["vision"] = _trace_vision(model, ckpt, opts)
+        specs["vision"] = prepare_graph(graphs["vision"], prefix="model.")
+    graphs["prefill"] = _trace_prefill(model, ckpt, opts, span, capacity, max_seq)
+    specs["prefill"] = prepare_graph(graphs["prefill"], prefix="model.")
+    graphs["decode"], specs["decode"] = decode.result()
+    return graphs, specs
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -263,9 +329,7 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     partial.mkdir(parents=True)
     try:
         model = ckpt.skeleton(dtype, "meta")
-        graphs = trace_graphs(model, ckpt, opts, layout, capacity, max_seq, stages)
-        stages("preparing graphs")()
-        specs = {kind: prepare_graph(g, prefix="model.") for kind, g in graphs.items()}
+        graphs, specs = trace_graphs(model, ckpt, opts, layout, capacity, max_seq, stages)
         decoder_specs = _merge_specs(specs["prefill"], specs["decode"])
         placements = {"decoder.weights": write_weights(ckpt, decoder_specs, partial / "decoder.weights", dtype, stages)}
         if "vision" in graphs:

@@ -2,18 +2,22 @@
 
 1. make tiny gamma-MoD and p-MoD checkpoints (the authors' formats);
 2. generate from the bundled test image with the PyTorch reference in every routing mode
-   (reference, static, dense) and tabulate kept tokens per MoD layer and decoder FLOPs.
+   (reference, static, dense): kept tokens per MoD layer, decoder FLOPs against dense;
+3. export both to static-capacity ONNX (with the TensorRT 10.3 copies), lint them for TensorRT,
+   and check the exported decoder on ONNX Runtime against the PyTorch static mode.
 """
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from pathlib import Path
 
-from .console import console, stage_progress
+from .console import StageProgress, console, stage_progress
 
 DEMO_RECIPES = ("gamma-mod", "p-mod")
 DEMO_PROMPT = "What is in the picture?"
+DEMO_QUESTIONS = [DEMO_PROMPT, "Describe the colours and the shapes you see, please."]
 
 
 def test_image() -> Path:
@@ -31,27 +35,79 @@ def _kept_text(counts: dict[int, int], seq_len: int) -> str:
 
 
 def run_demo(workdir: Path, fresh: bool = False) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = test_image()
+    console.print(f"[bold]gammamod demo[/bold]: tiny checkpoints in {workdir}, image {image.name}")
+    checkpoints = {recipe: _checkpoint(workdir, recipe, fresh) for recipe in DEMO_RECIPES}
+    _reference_table(checkpoints, image)
+    artifacts = _export_table(workdir, checkpoints, image, fresh)
+    del artifacts
+    return 0
+
+
+def _checkpoint(workdir: Path, recipe: str, fresh: bool) -> Path:
+    from gammamod.export.tiny import make_tiny
+
+    ckpt = workdir / f"tiny-{recipe}"
+    if fresh or not (ckpt / "config.json").is_file():
+        with stage_progress(f"make-tiny {recipe}") as tick:
+            make_tiny(ckpt, recipe, size="tiny", seed=0, force=True, progress=tick)
+    return ckpt
+
+
+def _reference_table(checkpoints: dict[str, Path], image: Path) -> None:
     from rich.table import Table
 
     from gammamod.export import load_checkpoint
     from gammamod.export.generate import generate_text
-    from gammamod.export.tiny import make_tiny
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    image = test_image()
-    console.print(f"[bold]gammamod demo[/bold]: tiny checkpoints in {workdir}, image {image.name}")
-    table = Table(title=f"PyTorch reference: {DEMO_PROMPT!r} about {image.name}, greedy, 16 new tokens")
+    table = Table(title=f"1. PyTorch reference: {DEMO_PROMPT!r} about {image.name}, greedy, 16 new tokens")
     for col in ("recipe", "mode", "kept tokens per MoD layer", "FLOPs vs dense", "KV entries", "text"):
         table.add_column(col, overflow="fold")
-    for recipe in DEMO_RECIPES:
-        ckpt = workdir / f"tiny-{recipe}"
-        if fresh or not (ckpt / "config.json").is_file():
-            with stage_progress(f"make-tiny {recipe}") as tick:
-                make_tiny(ckpt, recipe, size="tiny", seed=0, force=True, progress=tick)
+    for recipe, ckpt in checkpoints.items():
         model = load_checkpoint(ckpt)
         for mode in ("reference", "static", "dense"):
             res = generate_text(ckpt, DEMO_PROMPT, image=image, routing=mode, max_new_tokens=16, model=model)
             table.add_row(recipe, mode, f"{_kept_text(res.kept_counts, res.seq_len)} of {res.seq_len}",
                           f"{res.flop_ratio:.2f}x", str(sum(res.kv_lengths)), res.text[:32])
     console.print(table)
-    return 0
+
+
+def _export_table(workdir: Path, checkpoints: dict[str, Path], image: Path, fresh: bool) -> dict[str, Path]:
+    from rich.table import Table
+
+    from gammamod.engines.lint import lint_artifact
+    from gammamod.export import load_checkpoint
+    from gammamod.export.exporter import ExportOptions, export_artifact
+    from gammamod.manifest import read_manifest
+    from gammamod.runtime.pipeline import Pipeline
+    from gammamod.validate.parity import decoder_parity, reference_batch
+
+    table = Table(title="2. Export to static-capacity ONNX; the decoder on ONNX Runtime vs PyTorch static "
+                        "(2 prompts, prefill + 8 decode steps)")
+    for col in ("recipe", "export", "artifact", "TensorRT 10.3 lint", "max rel. logit error", "kept indices",
+                "KV lengths"):
+        table.add_column(col, overflow="fold")
+    artifacts = {}
+    for recipe, ckpt in checkpoints.items():
+        art = workdir / f"artifact-{recipe}"
+        if fresh or not (art / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            with StageProgress(f"export {recipe}") as progress:
+                export_artifact(ckpt, art, ExportOptions(force=True, tensorrt=["10.3"]), progress=progress)
+            took = f"{time.perf_counter() - t0:.0f} s"
+        else:
+            took = "(cached)"
+        artifacts[recipe] = art
+        manifest = read_manifest(art)
+        findings, _ = lint_artifact(art, "10.3")
+        errors = sum(f.severity == "error" for f in findings)
+        model = load_checkpoint(ckpt)
+        parity = decoder_parity(model, Pipeline.load(art), reference_batch(model, ckpt, DEMO_QUESTIONS, image))
+        size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
+        kept = "identical" if all(v == 1.0 for v in parity.kept_match.values()) else str(parity.kept_match)
+        table.add_row(recipe, took, f"{size:.1f} MiB, {len(manifest['files'])} files", f"{errors} errors",
+                      f"{parity.max_rel_err:.1e}", f"{kept} ({len(parity.kept_match)} MoD layers)",
+                      "identical" if parity.kv_lengths_match else "DIFFER")
+    console.print(table)
+    return artifacts

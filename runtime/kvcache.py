@@ -1,7 +1,7 @@
 """A per-layer KV cache in host memory, written in place.
 
 Each layer owns one buffer for keys and one for values, reserved at the manifest's maximum
-length when the generator is made (``np.empty``: pages cost memory only once written). Each
+length when the generator is made (zero-filled pages cost memory only once written). Each
 layer keeps its own length per row: MoD layers hold fewer entries, and a gamma-MoD decode step
 the gate skips appends nothing.
 
@@ -27,8 +27,10 @@ class KVCache:
         self.max_seq = max_seq
         self.dtype = np.dtype(dtype)
         size = batch * kv_heads * max_seq * head_dim
-        self._keys = [np.empty(size, self.dtype) for _ in range(layers)]
-        self._values = [np.empty(size, self.dtype) for _ in range(layers)]
+        # zero-filled (calloc: pages still cost memory only once written): the graphs read whole
+        # windows and zero the masked slots' weights, and 0 * NaN from stale memory would be NaN
+        self._keys = [np.zeros(size, self.dtype) for _ in range(layers)]
+        self._values = [np.zeros(size, self.dtype) for _ in range(layers)]
         self.windows = [min(MIN_WINDOW, max_seq)] * layers
         self.lengths = np.zeros((layers, batch), dtype=np.int64)
 

@@ -70,3 +70,42 @@ def test_image_path() -> Path:
     from gammamod.demo import test_image
 
     return test_image()
+
+
+def _export(root: Path, ckpt: Path, name: str, **options) -> Path:
+    from gammamod.export.exporter import ExportOptions, export_artifact
+
+    out = root / name
+    if not out.exists():
+        export_artifact(ckpt, out, ExportOptions(**options))
+    return out
+
+
+@pytest.fixture(scope="session")
+def art_gamma(tiny_root, tiny_gamma) -> Path:
+    return _export(tiny_root, tiny_gamma, "art-gamma", tensorrt=["10.3"])
+
+
+@pytest.fixture(scope="session")
+def art_pmod(tiny_root, tiny_pmod) -> Path:
+    return _export(tiny_root, tiny_pmod, "art-pmod")
+
+
+@pytest.fixture(scope="session")
+def art_llava(tiny_root, tiny_llava) -> Path:
+    return _export(tiny_root, tiny_llava, "art-llava")
+
+
+@pytest.fixture(scope="session")
+def art_gamma_dense(tiny_root, tiny_gamma) -> Path:
+    return _export(tiny_root, tiny_gamma, "art-gamma-dense", routing="dense")
+
+
+@pytest.fixture(scope="session")
+def art_gamma_fp16(tiny_root, tiny_gamma) -> Path:
+    return _export(tiny_root, tiny_gamma, "art-gamma-fp16", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
+def prompts_and_image(test_image_path):
+    return ["What is in the picture?", "Describe the colours and the shapes you see, please."], test_image_path
