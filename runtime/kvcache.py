@@ -77,6 +77,12 @@ class KVCache:
             kv[b, :, s:s + t] = keys[b]
             vv[b, :, s:s + t] = values[b]
 
+    def commit(self) -> None:
+        """Touch every page of the reserved buffers now, so memory is fixed from the start (no page
+        faults, no growth while generating)."""
+        for flat in self._keys + self._values:
+            flat[::max(1, 4096 // self.dtype.itemsize)] = 0
+
     def reset(self) -> None:
         self.lengths[:] = 0
         self.windows = [min(MIN_WINDOW, self.max_seq)] * self.layers

@@ -43,6 +43,11 @@ class GenerationStats:
     decode_s: float = 0.0
     new_tokens: int = 0  # decode steps x rows
     steps: int = 0
+    kv_bytes_per_layer: list[int] = field(default_factory=list)  # valid KV entries after generation
+
+    @property
+    def kv_bytes(self) -> int:
+        return int(sum(self.kv_bytes_per_layer))
 
     @property
     def ttft_s(self) -> float:
@@ -109,6 +114,7 @@ class Pipeline:
         prompt = manifest.get("prompt") or {}
         self.template = Template.from_dict(prompt["template"]) if prompt.get("template") else None
         self.last_stats = GenerationStats()
+        self.unfed: list[int] = []
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -129,7 +135,10 @@ class Pipeline:
         tokenizer = None
         if "tokenizer" not in manifest["absent"]:
             tokenizer = Tokenizer.from_dir(manifest.root)
-        return cls(manifest, engine, tokenizer)
+        pipe = cls(manifest, engine, tokenizer)
+        for kind in manifest["graphs"]:  # sessions/engines open now: the first request pays no load time
+            pipe.runner(kind)
+        return pipe
 
     def runner(self, kind: str):
         if kind not in self._runners:
@@ -212,12 +221,12 @@ class Pipeline:
         t1 = time.perf_counter()
         logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
         stats.prefill_s = time.perf_counter() - t1
-        results = self._decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
+        results = self.decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
                                     repetition_penalty, stop, stream, seed, stats)
         self.last_stats = stats
         return results
 
-    def _decode_loop(self, gen: Generator, logits, prepared: Prepared, max_new_tokens, temperature, top_p, top_k,
+    def decode_loop(self, gen: Generator, logits, prepared: Prepared, max_new_tokens, temperature, top_p, top_k,
                      repetition_penalty, stop, stream, seed, stats: GenerationStats) -> list[GenerationResult]:
         b = gen.batch_size
         rng = np.random.default_rng(seed)
@@ -251,11 +260,13 @@ class Pipeline:
                 if stream is not None and delta:
                     stream(row, delta)
             if all(done) or step + 1 == max_new_tokens:
+                self.unfed = [int(t) for t in nxt]  # chosen but not yet fed to the model (chat continues from them)
                 break
             logits = gen.decode(nxt)
             stats.steps += 1
             stats.new_tokens += b
         stats.decode_s = time.perf_counter() - t0
+        stats.kv_bytes_per_layer = [int(x) for x in gen.kv_bytes()]
         results = []
         for row in range(b):
             text = texts[row] if done[row] == "stop" else self.tokenizer.decode(out_tokens[row])

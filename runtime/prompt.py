@@ -43,6 +43,11 @@ class Template:
         turns += [(user, _with_image(question, has_image and not history)), (assistant, None)]
         return self.render(turns)
 
+    def continuation(self, question: str) -> str:
+        """The text that follows an assistant's answer in the next turn: ``</s>USER: q ASSISTANT:``."""
+        user, assistant = self.roles
+        return f"{self.sep2}{user}: {question}{self.sep}{assistant}:"
+
     def to_dict(self) -> dict:
         return {"name": self.name, "system": self.system, "roles": list(self.roles), "sep": self.sep,
                 "sep2": self.sep2, "style": "two"}
