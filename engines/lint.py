@@ -163,7 +163,7 @@ def lint_artifact(root: str | os.PathLike, version: str) -> tuple[list[Finding],
     if copies:
         files = [copies[k] for k in ("vision", "prefill", "decode") if k in copies]
     else:
-        files = [g["file"] for k, g in manifest["graphs"].items()]
+        files = [g["file"] for k, g in manifest["graphs"].items() if g.get("backend") != "ort"]
         findings.append(Finding("warning", str(manifest.root), f"no copy prepared for TensorRT {version}: checking the "
                                 f"ONNX Runtime graphs (re-export with --for-tensorrt {version})"))
     for name in files:

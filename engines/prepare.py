@@ -34,6 +34,8 @@ def write_tensorrt_copies(manifest, versions) -> None:
         tgt = target(version)
         entry = {}
         for kind, graph in manifest["graphs"].items():
+            if graph.get("backend") == "ort":
+                continue  # ONNX Runtime's own variant: TensorRT builds from the portable graphs
             model = onnx.load(str(manifest.path(graph["file"])), load_external_data=False)
             copy = tensorrt_copy(model, version)
             name = graph["file"].replace(".onnx", f".trt{version}.onnx")

@@ -24,7 +24,8 @@ from gammamod.manifest import SCHEMA, SCHEMA_VERSION, Manifest, describe_files, 
 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
-from .graphs import DecodeGraph, PrefillGraph, VisionGraph
+from .fusion import fuse_projections, fused_tensor
+from .graphs import DecodeGraph, FusedDecodeGraph, PrefillGraph, VisionGraph, rope_tables
 from .onnx_graph import WeightsFile, bind_weights, io_spec, prepare_graph, to_proto
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,6 +49,7 @@ class ExportOptions:
     vision_tower: str | None = None
     force: bool = False
     tensorrt: list[str] = field(default_factory=list)
+    ort_fused: bool = True  # also write decode.ort.onnx (ONNX Runtime's fused attention, KV in place)
 
 
 @dataclass
@@ -128,10 +130,13 @@ def _quiet():
 def _trace(module, args, dynamic_shapes, input_names, output_names):
     import logging
 
+    from . import ortops
+
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with _quiet():
         program = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False,
-                                    custom_translation_table=ops.translation_table(),
+                                    custom_translation_table={**ops.translation_table(),
+                                                              **ortops.translation_table()},
                                     dynamic_shapes=dynamic_shapes, input_names=input_names,
                                     output_names=output_names)
     return program.model
@@ -174,6 +179,23 @@ def _trace_decode(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int):
                  *cache_args),
         ({0: batch, 1: Dim("chunk", min=1, max=max_seq)}, {0: batch}, {0: batch}, tuple(cache_dims)),
         decode.input_names(), decode.output_names())
+
+
+def _trace_fused_decode(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int):
+    """decode.ort.onnx: one token per row (static), the cache buffers whole (one capacity)."""
+    cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
+    batch = Dim("batch", min=1, max=opts.max_batch)
+    capacity = Dim("kv_capacity", min=2, max=max_seq)
+    graph = FusedDecodeGraph(model, opts.routing, max_seq)
+    lengths = torch.zeros(2, dtype=torch.long, device="meta")
+    cache_args, cache_dims = [], []
+    for _ in range(cfg.num_layers):
+        kv = torch.zeros(2, cfg.num_kv_heads, 4, cfg.head_dim, dtype=dtype, device="meta")
+        cache_args += [kv, kv.clone(), lengths.clone()]
+        cache_dims += [{0: batch, 2: capacity}, {0: batch, 2: capacity}, {0: batch}]
+    return _trace(
+        graph, (torch.zeros(2, 1, cfg.hidden_size, dtype=dtype, device="meta"), lengths, lengths.clone(), *cache_args),
+        ({0: batch}, {0: batch}, {0: batch}, tuple(cache_dims)), graph.input_names(), graph.output_names())
 
 
 class _Forked:
@@ -233,6 +255,7 @@ def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, c
     span = layout.routable if opts.routing == "static" and ckpt.recipe.is_mod else None
     stages("tracing prefill and decode graphs")()
     decode = _Forked(lambda: _trace_decode(model, ckpt, opts, max_seq))
+    fused = _Forked(lambda: _trace_fused_decode(model, ckpt, opts, max_seq)) if _wants_fused(opts) else None
     graphs, specs = {}, {}
     if ckpt.vision is not None and ckpt.vision.has_tower:
         graphs["vision"] = _trace_vision(model, ckpt, opts)
@@ -240,20 +263,33 @@ def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, c
     graphs["prefill"] = _trace_prefill(model, ckpt, opts, span, capacity, max_seq)
     specs["prefill"] = prepare_graph(graphs["prefill"], prefix="model.")
     graphs["decode"], specs["decode"] = decode.result()
+    if fused is not None:
+        graphs["decode_ort"], specs["decode_ort"] = fused.result()
     return graphs, specs
+
+
+def _wants_fused(opts: ExportOptions) -> bool:
+    # ONNX Runtime's CPU kernels for the fused ops take float32 and float16
+    return opts.ort_fused and opts.dtype in ("fp32", "fp16")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def write_weights(ckpt: Checkpoint, specs, path: Path, dtype: torch.dtype, stages) -> dict:
+def write_weights(ckpt: Checkpoint, specs, path: Path, dtype: torch.dtype, stages, fused: dict | None = None,
+                  extra: dict | None = None) -> dict:
     advance = stages(f"writing {path.name}", len(specs))
     out = WeightsFile(path)
+    fused, extra = fused or {}, extra or {}
     try:
         for spec in specs:
-            if spec.source in ckpt.weights.refs:
+            if spec.source in extra:
+                tensor = extra[spec.source]
+            elif spec.source in ckpt.weights.refs:
                 tensor = ckpt.weights.tensor(spec.source, dtype)
+            elif spec.source in fused:
+                tensor = fused_tensor(fused[spec.source], lambda name: ckpt.weights.tensor(name, dtype))
             else:
                 tensor = ckpt.buffer_value(spec.source)
             if spec.transpose:
@@ -329,9 +365,11 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     partial.mkdir(parents=True)
     try:
         model = ckpt.skeleton(dtype, "meta")
+        fused = fuse_projections(model)
         graphs, specs = trace_graphs(model, ckpt, opts, layout, capacity, max_seq, stages)
-        decoder_specs = _merge_specs(specs["prefill"], specs["decode"])
-        placements = {"decoder.weights": write_weights(ckpt, decoder_specs, partial / "decoder.weights", dtype, stages)}
+        decoder_specs = _merge_specs(*(specs[k] for k in ("prefill", "decode", "decode_ort") if k in specs))
+        placements = {"decoder.weights": write_weights(ckpt, decoder_specs, partial / "decoder.weights", dtype, stages,
+                                                       fused, rope_tables(cfg, max_seq, dtype))}
         if "vision" in graphs:
             placements["vision.weights"] = write_weights(ckpt, specs["vision"], partial / "vision.weights", dtype,
                                                          stages)
@@ -343,10 +381,15 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
             weights = "vision.weights" if kind == "vision" else "decoder.weights"
             bind_weights(g, partial / weights, placements[weights])
             proto = to_proto(g, doc=f"gammamod {kind} graph ({ckpt.recipe.name}, {routing} routing)")
-            name = f"{kind}.onnx"
+            name = "decode.ort.onnx" if kind == "decode_ort" else f"{kind}.onnx"
             onnx.save(proto, str(partial / name))
             graph_entries[kind] = {"file": name, "weights": [weights], **io_spec(proto),
                                    "initializers": sorted(s.name for s in specs[kind])}
+            if kind == "decode_ort":
+                graph_entries[kind].update(
+                    backend="ort", tokens=1, kv="in-place",
+                    note="ONNX Runtime contrib ops (GroupQueryAttention, RotaryEmbedding); bind present_key.l/"
+                         "present_value.l to the past_key.l/past_value.l buffers (whole, max_seq long)")
         weight_tables = {file: {s.name: [*placements[file][s.name], _np_dtype_name(s.dtype), list(s.shape)]
                                 for s in (decoder_specs if file == "decoder.weights" else specs["vision"])}
                          for file in placements}

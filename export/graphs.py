@@ -26,9 +26,21 @@ from .model import KVStore, MoDLlava, Step
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, H, T, d] -> [B, Hkv, G, T, d]: query heads grouped by their key/value head (GQA)."""
+    """[B, H, T, d] -> [B, Hkv, G, T, d]: query heads grouped by their key/value head (GQA).
+    With one query head per key/value head (multi-head attention) q stays 4-D: no reshapes."""
     b, h, t, d = q.shape
+    if h == kv_heads:
+        return q
     return q.reshape(b, kv_heads, h // kv_heads, t, d)
+
+
+def _kv(x: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """Keys/values [B, Hkv, S, d] broadcast against the grouped queries."""
+    return x if grouped.dim() == 4 else x.unsqueeze(2)
+
+
+def _ungroup(out: torch.Tensor, b, h, t, d) -> torch.Tensor:
+    return out if out.dim() == 4 else out.reshape(b, h, t, d)
 
 
 def _masked(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -48,11 +60,11 @@ def causal_attention(q, k, v) -> torch.Tensor:
     """Causal attention over the new tokens alone (prefill): q [B,H,T,d], k/v [B,Hkv,T,d]."""
     b, h, t, d = q.shape
     qg = _grouped(q * d ** -0.5, k.shape[1])
-    scores = _f32(qg @ k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
+    scores = _f32(qg @ _kv(k, qg).transpose(-1, -2))  # [B, Hkv, (G,) T, T]
     pos = torch.arange(t, device=q.device)
     scores = _masked(scores, pos[None, :] > pos[:, None])
     probs = _as(torch.softmax(scores, dim=-1), q.dtype)
-    return (probs @ v.unsqueeze(2)).reshape(b, h, t, d)
+    return _ungroup(probs @ _kv(v, qg), b, h, t, d)
 
 
 def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
@@ -60,16 +72,17 @@ def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
     tokens (causally), with one softmax across both parts. The cache is only read."""
     b, h, t, d = q.shape
     qg = _grouped(q * d ** -0.5, k.shape[1])
-    past = _f32(qg @ past_k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, C]
+    past = _f32(qg @ _kv(past_k, qg).transpose(-1, -2))  # [B, Hkv, (G,) T, C]
     cap = past.shape[-1]
     slot = torch.arange(cap, device=q.device)
-    past = _masked(past, (slot[None, :] >= past_len[:, None])[:, None, None, None, :])
-    new = _f32(qg @ k.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, T]
+    stale = slot[None, :] >= past_len[:, None]  # [B, C]: slots past this row's length
+    past = _masked(past, stale.reshape((b,) + (1,) * (past.dim() - 2) + (cap,)))
+    new = _f32(qg @ _kv(k, qg).transpose(-1, -2))  # [B, Hkv, (G,) T, T]
     pos = torch.arange(t, device=q.device)
     new = _masked(new, pos[None, :] > pos[:, None])
     probs = _as(torch.softmax(torch.cat([past, new], dim=-1), dim=-1), q.dtype)
-    out = probs[..., :cap] @ past_v.unsqueeze(2) + probs[..., cap:] @ v.unsqueeze(2)
-    return out.reshape(b, h, t, d)
+    out = probs[..., :cap] @ _kv(past_v, qg) + probs[..., cap:] @ _kv(v, qg)
+    return _ungroup(out, b, h, t, d)
 
 
 class GraphKV(KVStore):
@@ -169,3 +182,74 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values):
         return self.model.encode_images(pixel_values)
+
+
+class FusedGraphKV(KVStore):
+    """Attention through ONNX Runtime's GroupQueryAttention, appending in place: the past buffers
+    come back as the present outputs (the runtime binds both to the same memory)."""
+
+    fused = True
+
+    def __init__(self, zeros: torch.Tensor, past: list[tuple], cos: torch.Tensor, sin: torch.Tensor):
+        self.zeros, self.past, self.cos, self.sin = zeros, past, cos, sin
+        self.present: dict[int, tuple] = {}
+
+    def length(self, layer: int) -> torch.Tensor:
+        return self.past[layer][2]
+
+    def attend_fused(self, layer: int, attn, x, positions, count):
+        from . import ortops
+
+        cfg = attn.cfg
+        if hasattr(attn, "qkv_proj"):
+            qkv = attn.qkv_proj(x)
+        else:
+            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        past_k, past_v, past_len = self.past[layer]
+        t = x.shape[1]
+        seqlens = (past_len + (t - 1)).to(torch.int32)  # the last entry's index after the append
+        total = (past_len.max() + t).to(torch.int32)
+        out, present_k, present_v = ortops.ort_group_query_attention(
+            qkv, past_k, past_v, seqlens, total, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads)
+        self.present[layer] = (present_k, present_v, past_len + count)
+        return out
+
+
+class FusedDecodeGraph(nn.Module):
+    """The decode graph for ONNX Runtime on CPU: one token per row, attention and RoPE as its fused
+    contrib ops, the KV cache updated in place. Inputs and outputs as :class:`DecodeGraph`, except
+    that ``present_key.l``/``present_value.l`` are the whole buffers (bound to the past ones)."""
+
+    def __init__(self, model: MoDLlava, routing: str, max_seq: int):
+        super().__init__()
+        self.model = model
+        self.routing = routing
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        # RoPE tables, as the weights writer fills them (rope_tables): registered as buffers so the
+        # graph takes them as initializers
+        self.register_buffer("rope_cos", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
+        self.register_buffer("rope_sin", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
+
+    input_names = DecodeGraph.input_names
+    output_names = DecodeGraph.output_names
+
+    def forward(self, inputs_embeds, seq_lengths, past_length, *cache):
+        layers = self.model.config.num_layers
+        past = [(cache[3 * i], cache[3 * i + 1], cache[3 * i + 2]) for i in range(layers)]
+        kv = FusedGraphKV(torch.zeros_like(seq_lengths), past, self.rope_cos, self.rope_sin)
+        step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths)
+        hidden = self.model.forward_chunk(inputs_embeds, step)
+        outs = [_last_logits(self.model, hidden, seq_lengths)]
+        for i in range(layers):
+            outs += list(kv.present[i])
+        return tuple(outs)
+
+
+def rope_tables(cfg, max_seq: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """cos/sin [max_seq, head_dim/2] exactly as the eager model computes them (float32, then cast)."""
+    from .model import inverse_frequencies
+
+    freqs = torch.arange(max_seq).float()[:, None] * inverse_frequencies(cfg, "cpu")
+    return {"rope_cos": freqs.cos().to(dtype), "rope_sin": freqs.sin().to(dtype)}

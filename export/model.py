@@ -90,12 +90,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
-        x = x.float()  # half precision: normalise in float32, as transformers' Llama does
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if dtype != torch.float32:
+            x = x.float()  # half precision: normalise in float32, as transformers' Llama does
+        variance = x.pow(2).mean(-1, keepdim=True) + self.eps
+        if torch.compiler.is_exporting():
+            # x / sqrt(v): the form ONNX Runtime fuses into one SimplifiedLayerNormalization node
+            x = x / torch.sqrt(variance)
+        else:
+            x = x * torch.rsqrt(variance)  # transformers' form, bit for bit
+        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def inverse_frequencies(cfg: "DecoderConfig", device) -> torch.Tensor:
@@ -133,9 +137,14 @@ class Attention(nn.Module):
         """Project and rotate with the (cos, sin) tables: q [B, H, T, d], k and v [B, Hkv, T, d]."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # the export's fused projection (see export/fusion.py)
+            q, k, v = self.qkv_proj(x).split([cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,
+                                             dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -155,6 +164,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):  # the export's fused projection (see export/fusion.py)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -210,7 +222,11 @@ class Step:
 
 
 class KVStore:
-    """What a decoder layer needs from a KV cache: append-and-attend, and per-row lengths."""
+    """What a decoder layer needs from a KV cache: append-and-attend, and per-row lengths.
+    A ``fused`` store takes the layer's normalised input and does projection-side attention
+    itself (``attend_fused``: the ORT decode graph's fused attention)."""
+
+    fused = False
 
     def length(self, layer: int) -> torch.Tensor:  # [B]
         raise NotImplementedError
@@ -306,9 +322,13 @@ class DecoderLayer(nn.Module):
     def block(self, x, positions, step: Step, count, shared: str | None = None):
         """``h = x + attn(norm(x))`` and ``m = mlp(norm(h))``: the caller combines them.
         ``shared`` names positions other layers of the chunk use too (their RoPE is computed once)."""
-        rope = step.rope(self.self_attn.cfg, positions, x.dtype, shared)
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
-        h = x + self.self_attn.out(step.kv.attend(self.layer_idx, q, k, v, count))
+        if step.kv.fused:
+            attn = step.kv.attend_fused(self.layer_idx, self.self_attn, self.input_layernorm(x), positions, count)
+            h = x + self.self_attn.o_proj(attn)
+        else:
+            rope = step.rope(self.self_attn.cfg, positions, x.dtype, shared)
+            q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
+            h = x + self.self_attn.out(step.kv.attend(self.layer_idx, q, k, v, count))
         return h, self.mlp(self.post_attention_layernorm(h))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

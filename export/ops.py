@@ -159,17 +159,21 @@ def function_protos(opset: int) -> list:
         after = op.Expand(op.Unsqueeze(after, axis0), op.Concat(b, op.Shape(after), axis=0))
         return op.Concat(before, op.Add(ordered, s), after, axis=1)
 
+    # Rows, not elements: GatherND/ScatterND index [B, K, ...] token rows, where the element-wise
+    # GatherElements/ScatterElements would need an int64 index expanded to [B, K, H].
     @onnxscript.script(gm, default_opset=op)
     def MoDGather(x, kept):
-        index = op.Unsqueeze(kept, op.Constant(value_ints=[-1]))
-        shape = op.Concat(op.Shape(kept), op.Slice(op.Shape(x), op.Constant(value_ints=[2]),
-                                                   op.Constant(value_ints=[3])), axis=0)
-        return op.GatherElements(x, op.Expand(index, shape), axis=1)
+        return op.GatherND(x, op.Unsqueeze(kept, op.Constant(value_ints=[-1])), batch_dims=1)
 
     @onnxscript.script(gm, default_opset=op)
     def MoDScatter(x, kept, y):
-        index = op.Expand(op.Unsqueeze(kept, op.Constant(value_ints=[-1])), op.Shape(y))
-        return op.ScatterElements(x, index, y, axis=1)
+        shape = op.Shape(kept)  # [B, K]
+        b = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+        rows = op.Range(op.Constant(value_int=0), op.Squeeze(b), op.Constant(value_int=1))
+        rows = op.Expand(op.Unsqueeze(rows, op.Constant(value_ints=[1])), shape)  # [B, K]: the batch index
+        index = op.Concat(op.Unsqueeze(rows, op.Constant(value_ints=[-1])),
+                          op.Unsqueeze(kept, op.Constant(value_ints=[-1])), axis=-1)  # [B, K, 2]
+        return op.ScatterND(x, index, y)
 
     protos = []
     for fn in (MoDSelect, MoDGather, MoDScatter):

@@ -10,7 +10,9 @@ Top-level fields (schema_version 1):
 * ``routing``: ``mode`` (static | dense), the routable span, per-layer kept counts, image layout.
 * ``model``: decoder geometry and dtype. ``kv_cache``: layout and per-layer prefill entries.
 * ``graphs``: ``prefill``, ``decode`` and (when present) ``vision``, each a file and its inputs
-  and outputs with roles (``inputs_embeds``, ``past_key.3``, ``kv_length.3``, ``logits`` ...).
+  and outputs with roles (``inputs_embeds``, ``past_key.3``, ``kv_length.3``, ``logits`` ...);
+  ``decode_ort``, when present, is ONNX Runtime's fused variant of ``decode`` (one token per row,
+  KV appended in place into buffers bound as both past and present).
 * ``embeddings``: the token embedding table (a .npy file), kept outside the decoder graph.
 * ``tokenizer``, ``prompt``, ``image``: what turns text and pictures into inputs; None when the
   checkpoint has no tokenizer or no vision tower (see ``absent``).
@@ -37,7 +39,7 @@ MANIFEST = "manifest.json"
 
 _ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|logits|pixel_values|image_features|"
                    r"(past_key|past_value|kv_length|present_key|present_value|new_kv_length|kept_indices)\.\d+)$")
-_GRAPH_KINDS = ("prefill", "decode", "vision")
+_GRAPH_KINDS = ("prefill", "decode", "vision", "decode_ort")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

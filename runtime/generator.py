@@ -39,8 +39,10 @@ class Generator:
         routing = manifest["routing"]
         self.span = tuple(routing["routable_span"]) if routing["mode"] == "static" and manifest.capacities else None
         self.capacities = manifest.capacities
+        self.inplace = backend.inplace_decode()
         self.cache = backend.kv_store(self.layers, batch_size, model["num_kv_heads"], model["head_dim"],
-                                      self.max_seq, self.dtype)
+                                      self.max_seq, self.dtype, full=self.inplace)
+        self._bound = None  # the cache buffers as the backend binds them (in-place decode)
         self.past_length = np.zeros(batch_size, dtype=np.int64)
         self.kept: dict[int, np.ndarray] = {}
 
@@ -104,6 +106,8 @@ class Generator:
         x, lengths = self._check_embeds(inputs_embeds, lengths)
         if int((self.past_length + lengths).max()) > self.max_seq:
             raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq}")
+        if self.inplace and x.shape[1] == 1:
+            return self._step_in_place(x, lengths)
         feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
         for layer in range(self.layers):
             feeds[f"past_key.{layer}"] = self.cache.keys(layer)
@@ -112,6 +116,29 @@ class Generator:
         outs = self._runners("decode").run(feeds)
         for layer in range(self.layers):
             self.cache.write(layer, outs[f"present_key.{layer}"], outs[f"present_value.{layer}"])
+            self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
+        self.past_length += lengths
+        return outs["logits"]
+
+    def _step_in_place(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One token per row through the fused graph: it appends each layer's entry into the cache
+        buffers itself (bound as both past and present), so nothing is written here."""
+        if self._bound is None:
+            self._bound = [(self.backend.bind(self.cache.keys(i)), self.backend.bind(self.cache.values(i)))
+                           for i in range(self.layers)]
+        feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
+        into, outputs = {}, ["logits"]
+        for layer, (keys, values) in enumerate(self._bound):
+            feeds[f"past_key.{layer}"] = keys
+            feeds[f"past_value.{layer}"] = values
+            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
+            into[f"present_key.{layer}"] = keys
+            into[f"present_value.{layer}"] = values
+            outputs.append(f"new_kv_length.{layer}")
+        outs = self._runners("decode_ort").run(feeds, outputs, into=into)
+        for layer in range(self.layers):
+            if int((self.cache.lengths[layer] + 1).max()) > self.max_seq:
+                raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq}")
             self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
         self.past_length += lengths
         return outs["logits"]

@@ -8,8 +8,9 @@ the gate skips appends nothing.
 The graphs take a layer's cache as [B, Hkv, C, d] with C the layer's current window; the view
 of the first B*Hkv*C*d elements of the buffer is contiguous, so it is bound with no copy. A
 decode step writes only its new entries (``write``). When a layer outgrows its window, the
-window doubles and the rows move apart inside the same buffer: a copy amortised over the steps
-that filled the window, never one per step.
+window grows (doubling up to 256 entries, then by steps of 256) and the rows move apart inside
+the same buffer: a copy once per 256 steps at most, never one per step. Small steps keep the
+masked slots the graphs read (the window past the length) few.
 """
 
 from __future__ import annotations
@@ -19,20 +20,26 @@ import numpy as np
 from gammamod.errors import GammamodError
 
 MIN_WINDOW = 64
+GROW_STEP = 256  # past one step, windows grow by whole steps: masked slots the graphs read stay few
 
 
 class KVCache:
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype):
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype,
+                 full: bool = False):
         self.layers, self.batch, self.kv_heads, self.head_dim = layers, batch, kv_heads, head_dim
         self.max_seq = max_seq
         self.dtype = np.dtype(dtype)
+        self.full = full  # windows fixed at max_seq: for graphs that append in place (decode.ort.onnx)
         size = batch * kv_heads * max_seq * head_dim
         # zero-filled (calloc: pages still cost memory only once written): the graphs read whole
         # windows and zero the masked slots' weights, and 0 * NaN from stale memory would be NaN
         self._keys = [np.zeros(size, self.dtype) for _ in range(layers)]
         self._values = [np.zeros(size, self.dtype) for _ in range(layers)]
-        self.windows = [min(MIN_WINDOW, max_seq)] * layers
+        self.windows = [self._first_window()] * layers
         self.lengths = np.zeros((layers, batch), dtype=np.int64)
+
+    def _first_window(self) -> int:
+        return self.max_seq if self.full else min(MIN_WINDOW, self.max_seq)
 
     # -- views the graphs bind ---------------------------------------------------------------
     def _view(self, flat: np.ndarray, window: int) -> np.ndarray:
@@ -54,10 +61,7 @@ class KVCache:
         if needed > self.max_seq:
             raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
                                 f"artifact's max_seq {self.max_seq} (re-export with a larger --max-seq)")
-        new = old
-        while new < needed:
-            new *= 2
-        new = min(new, self.max_seq)
+        new = min(max(2 * old if old < GROW_STEP else 0, -(-needed // GROW_STEP) * GROW_STEP, needed), self.max_seq)
         row = self.head_dim
         for flat in (self._keys[layer], self._values[layer]):
             # rows (b, h) move from stride old*d to stride new*d, last first so none is overwritten
@@ -85,7 +89,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.lengths[:] = 0
-        self.windows = [min(MIN_WINDOW, self.max_seq)] * self.layers
+        self.windows = [self._first_window()] * self.layers
 
     # -- reporting -----------------------------------------------------------------------------
     def entry_bytes(self) -> int:

@@ -8,10 +8,13 @@ def reference_inputs(model, ckpt, questions, image):
     return reference_batch(model, ckpt, questions, image)
 
 
-def compare_generation(model, artifact, batch, routing="static", steps=8, tol=1e-4):
+def compare_generation(model, artifact, batch, routing="static", steps=8, tol=1e-4, fused=True):
     """Prefill and ``steps`` decode steps (the reference's tokens fed back): logits within ``tol``
-    (relative), kept indices and per-layer KV lengths identical."""
-    result = decoder_parity(model, Pipeline.load(artifact), batch, routing=routing, steps=steps)
+    (relative), kept indices and per-layer KV lengths identical. ``fused=False`` decodes with the
+    portable decode graph instead of ONNX Runtime's fused one."""
+    pipe = Pipeline.load(artifact, fused=fused)
+    assert pipe.backend.inplace_decode() == (fused and "decode_ort" in pipe.manifest["graphs"])
+    result = decoder_parity(model, pipe, batch, routing=routing, steps=steps)
     assert result.prefill_rel_err <= tol, f"prefill logits differ by {result.prefill_rel_err}"
     for i, err in enumerate(result.decode_rel_err):
         assert err <= tol, f"decode step {i} logits differ by {err}"

@@ -27,6 +27,27 @@ def test_gamma_onnx_equals_pytorch_static(tiny_gamma, art_gamma, prompts_and_ima
     compare_generation(model, art_gamma, batch)
 
 
+@pytest.mark.parametrize("recipe", ["gamma", "pmod"])
+def test_portable_decode_graph_equals_pytorch_static(recipe, request, prompts_and_image):
+    """The same comparison through decode.onnx (standard ops only: what TensorRT builds from)
+    rather than ONNX Runtime's fused decode.ort.onnx."""
+    questions, image = prompts_and_image
+    ckpt, art = request.getfixturevalue(f"tiny_{recipe}"), request.getfixturevalue(f"art_{recipe}")
+    model = load_checkpoint(ckpt)
+    compare_generation(model, art, reference_inputs(model, ckpt, questions, image), fused=False)
+
+
+def test_fused_decode_graph_is_onnx_runtimes_own(art_gamma):
+    manifest = read_manifest(art_gamma)
+    entry = manifest["graphs"]["decode_ort"]
+    assert entry["backend"] == "ort" and entry["kv"] == "in-place" and entry["file"] == "decode.ort.onnx"
+    model = onnx.load(str(manifest.path(entry["file"])), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == manifest["model"]["num_layers"]
+    assert not [n for n in model.graph.node if n.domain == DOMAIN]  # decode routes nothing
+    assert "decode_ort" not in manifest["tensorrt"]["targets"]["10.3"]  # TensorRT builds the portable graphs
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_pmod_onnx_equals_pytorch_static(tiny_pmod, art_pmod, prompts_and_image, rows):
     questions, image = prompts_and_image

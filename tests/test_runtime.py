@@ -179,21 +179,21 @@ def test_generator_interface(art_pmod):
 
 
 def test_kv_cache_windows_grow_in_place():
-    cache = KVCache(layers=1, batch=2, kv_heads=3, head_dim=4, max_seq=300, dtype=np.float32)
+    cache = KVCache(layers=1, batch=2, kv_heads=3, head_dim=4, max_seq=600, dtype=np.float32)
     rng = np.random.default_rng(0)
     written = []
-    for _ in range(5):  # 5 chunks of 30 entries: the window grows 64 -> 128 -> 256
+    for _ in range(10):  # 10 chunks of 30 entries: the window grows 64 -> 128 -> 256 -> 512
         k = rng.standard_normal((2, 3, 30, 4)).astype(np.float32)
         cache.write(0, k, -k)
         cache.lengths[0] += 30
         written.append(k)
-    assert cache.windows[0] == 256
+    assert cache.windows[0] == 512
     everything = np.concatenate(written, axis=2)
-    assert np.array_equal(cache.keys(0)[:, :, :150], everything)
-    assert np.array_equal(cache.values(0)[:, :, :150], -everything)
+    assert np.array_equal(cache.keys(0)[:, :, :300], everything)
+    assert np.array_equal(cache.values(0)[:, :, :300], -everything)
     assert cache.keys(0).flags.c_contiguous  # bound to the graph with no copy
-    with pytest.raises(GammamodError, match="max_seq 300"):
-        cache.write(0, np.zeros((2, 3, 200, 4), np.float32), np.zeros((2, 3, 200, 4), np.float32))
+    with pytest.raises(GammamodError, match="max_seq 600"):
+        cache.write(0, np.zeros((2, 3, 301, 4), np.float32), np.zeros((2, 3, 301, 4), np.float32))
 
 
 def test_long_generation_holds_memory_steady(art_gamma):

@@ -31,11 +31,21 @@ class Backend:
     def open(self, kind: str) -> Runner:
         raise NotImplementedError
 
-    def kv_store(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype):
-        """The KV cache this backend decodes from (host memory by default)."""
+    def kv_store(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype,
+                 full: bool = False):
+        """The KV cache this backend decodes from (host memory by default). ``full``: every layer's
+        window is its whole buffer (for graphs that append in place)."""
         from gammamod.runtime.kvcache import KVCache
 
-        return KVCache(layers, batch, kv_heads, head_dim, max_seq, dtype)
+        return KVCache(layers, batch, kv_heads, head_dim, max_seq, dtype, full=full)
+
+    def inplace_decode(self) -> bool:
+        """Whether this backend runs the artifact's ``decode_ort`` graph (KV appended in place)."""
+        return False
+
+    def bind(self, array):
+        """A buffer the runners can take as an input and write as an output (in-place decode)."""
+        return array
 
     def close(self) -> None:
         pass

@@ -34,7 +34,10 @@ class OrtRunner:
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
+            into: dict | None = None) -> dict[str, np.ndarray]:
+        """Run; ``into`` binds outputs to caller buffers (OrtValues) that are written in place and
+        not returned (the KV cache, when the graph appends in place)."""
         ort = _ort()
         io = self.session.io_binding()
         for name, value in feeds.items():
@@ -42,18 +45,21 @@ class OrtRunner:
                 io.bind_ortvalue_input(name, value)
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))  # no copy for contiguous arrays
-        names = outputs or self.output_names
-        for name in names:
+        names = [n for n in (outputs or self.output_names) if n not in (into or {})]
+        for name in names:  # bound first: IOBinding returns outputs in binding order
             io.bind_output(name, "cpu")
+        for name, value in (into or {}).items():
+            io.bind_ortvalue_output(name, value)
         self.session.run_with_iobinding(io)
-        return dict(zip(names, io.copy_outputs_to_cpu()))
+        values = io.get_outputs()
+        return {n: values[i].numpy() for i, n in enumerate(names)}
 
 
 class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, manifest, device: str = "cpu", threads: int | None = None, share_weights: bool = True,
-                 optimization: str = "all", profile_dir: str | None = None):
+                 optimization: str = "all", profile_dir: str | None = None, fused: bool = True):
         ort = _ort()
         self.manifest = manifest
         self.device = device
@@ -71,6 +77,7 @@ class OrtBackend(Backend):
         # numpy has no bfloat16: such weights are left to ONNX Runtime's own loading
         self.share_weights = share_weights and device == "cpu" and manifest["model"]["dtype"] != "bfloat16"
         self.optimization = optimization
+        self.fused = fused  # use decode.ort.onnx for one-token steps when the artifact has it
         self.profile_dir = profile_dir
         self._mapped: dict[str, np.memmap] = {}
         self._values: dict[tuple[str, str], object] = {}
@@ -123,8 +130,15 @@ class OrtBackend(Backend):
             raise GammamodError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         return OrtRunner(kind, session, self.device)
 
+    def inplace_decode(self) -> bool:
+        return self.fused and self.device == "cpu" and "decode_ort" in self.manifest["graphs"]
+
+    def bind(self, array):
+        return _ort().OrtValue.ortvalue_from_numpy(array)  # shares the array's memory (CPU)
+
     def describe(self) -> str:
-        return f"ort ({self.device}, {self.threads} threads)"
+        fused = ", fused decode" if self.inplace_decode() else ""
+        return f"ort ({self.device}, {self.threads} threads{fused})"
 
 
 def _physical_cores() -> int:

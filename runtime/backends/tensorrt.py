@@ -234,10 +234,9 @@ class DeviceKVCache:
         if needed > self.max_seq:
             raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
                                 f"artifact's max_seq {self.max_seq}")
-        new = old
-        while new < needed:
-            new *= 2
-        new = min(new, self.max_seq)
+        from gammamod.runtime.kvcache import GROW_STEP
+
+        new = min(max(2 * old if old < GROW_STEP else 0, -(-needed // GROW_STEP) * GROW_STEP, needed), self.max_seq)
         row = self.head_dim * self.dtype.itemsize
         scratch = None
         for buf in (self._keys[layer], self._values[layer]):
