@@ -161,18 +161,20 @@ class Pipeline:
             pixels = pixels.astype(np.float16)
         return self.runner("vision").run({"pixel_values": pixels})["image_features"]
 
-    def prepare(self, images, prompts: list[str], history=None) -> Prepared:
-        """Render the template, tokenise with ``<image>`` expansion, embed, splice image features."""
+    def prepare(self, images, prompts: list[str], features: np.ndarray | None = None) -> Prepared:
+        """Render the template, tokenise with ``<image>`` expansion, embed, splice image features
+        (``features``: already encoded, one per prompt; else the images are encoded here)."""
         if self.tokenizer is None or self.template is None:
             raise GammamodError(f"{self.manifest.root}: the artifact has no tokenizer; use a Generator with your "
                                 "own embeddings")
         n = len(prompts)
         if images is not None and len(images) != n:
             raise GammamodError(f"{len(images)} images for {n} prompts: give one image per prompt, or none")
-        has_image = images is not None
+        has_image = images is not None or features is not None
         texts = [self.template.prompt(p, has_image=has_image) for p in prompts]
         ids = [tokenize_with_image(self.tokenizer, t) for t in texts]
-        features = self.encode_images(images) if has_image else None
+        if features is None and images is not None:
+            features = self.encode_images(images)
         rows, span = [], None
         hidden = self.manifest["model"]["hidden_size"]
         dtype = self.embeddings.dtype

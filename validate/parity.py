@@ -45,7 +45,8 @@ def reference_batch(model, checkpoint, questions: list[str], image=None) -> Prom
     pixels = None
     if image is not None:
         proc = ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
-        pixels = torch.from_numpy(proc.batch([load_image(image)] * len(questions)))
+        picture = image if hasattr(image, "convert") else load_image(image)  # a PIL image or a path
+        pixels = torch.from_numpy(proc.batch([picture] * len(questions)))
     prompts = [VICUNA_V1.prompt(q, has_image=image is not None) for q in questions]
     return prepare_prompts(model, tokenizer, prompts, pixels)
 

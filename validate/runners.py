@@ -2,10 +2,13 @@
 
 Polygraphy's ``Comparator`` runs every runner over the same feeds and compares outputs by name, so
 the reference and any backend are compared tensor by tensor with its statistics. A decoder
-runner is stateful: a sequence of feeds is one prefill (``inputs_embeds``, ``seq_lengths``) then
-decode steps (``token_ids``); each runner keeps its own KV cache across the sequence. Outputs per
-step: ``logits`` [B, V], ``kv_lengths`` [layers, B], and after the prefill ``kept_indices.<l>``.
+runner is stateful: a sequence of feeds is one prefill then decode steps, each runner keeping its
+own KV cache across the sequence. Every feed holds ``inputs_embeds``, ``seq_lengths`` and
+``token_ids`` (Polygraphy wants each declared input in each feed): a prefill feed has the prompt
+embeddings, a decode step an empty [B, 0, H] ``inputs_embeds`` and the tokens to feed. Outputs
+per step: ``logits`` [B, V], ``kv_lengths`` [layers, B], and after the prefill ``kept_indices.<l>``.
 """
+
 
 from __future__ import annotations
 
@@ -18,6 +21,17 @@ from polygraphy.common import TensorMetadata
 
 from gammamod.export.generate import forward_language
 from gammamod.export.model import Step
+
+
+def prefill_feed(inputs_embeds: np.ndarray, lengths: np.ndarray) -> dict:
+    return {"inputs_embeds": inputs_embeds, "seq_lengths": lengths,
+            "token_ids": np.zeros(inputs_embeds.shape[0], np.int64)}
+
+
+def decode_feed(token_ids: np.ndarray, hidden: int) -> dict:
+    ids = np.asarray(token_ids, np.int64)
+    return {"inputs_embeds": np.zeros((ids.shape[0], 0, hidden), np.float32),
+            "seq_lengths": np.ones(ids.shape[0], np.int64), "token_ids": ids}
 
 
 class _Timed(BaseRunner):
@@ -52,7 +66,7 @@ class TorchDecoderRunner(_Timed):
     @torch.inference_mode()
     def _step(self, feed):
         model = self.model
-        if "inputs_embeds" in feed:
+        if feed["inputs_embeds"].shape[1] > 0:
             embeds = torch.from_numpy(np.asarray(feed["inputs_embeds"], np.float32))
             out = forward_language(model, embeds, routable=self.routable, routing=self.routing,
                                    lengths=torch.from_numpy(feed["seq_lengths"]))
@@ -94,7 +108,7 @@ class RuntimeDecoderRunner(_Timed):
         return self._timed(lambda: self._step(feed_dict))
 
     def _step(self, feed):
-        if "inputs_embeds" in feed:
+        if feed["inputs_embeds"].shape[1] > 0:
             x = np.asarray(feed["inputs_embeds"])
             self.gen = self.pipeline.generator(batch_size=x.shape[0])
             logits = self.gen.prefill(x, routable=self.routable, lengths=feed["seq_lengths"])
