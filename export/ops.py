@@ -31,10 +31,14 @@ NODE_TYPES = ("MoDSelect", "MoDGather", "MoDScatter")
 
 @torch.library.custom_op("gammamod::mod_select", mutates_args=())
 def mod_select(scores: torch.Tensor, start: int, length: int, k: int) -> torch.Tensor:
-    """Kept token indices [B, T - length + k], ascending."""
+    """Kept token indices [B, T - length + k], ascending.
+
+    Equal scores rank the lower index first, as ONNX's TopK specifies (``torch.topk`` leaves the
+    order of ties unspecified): a saturated TanhNorm gives many exactly equal weights, and every
+    implementation (eager, ONNX function body, TensorRT plugin) must keep the same tokens."""
     b, t = scores.shape
     device = scores.device
-    top = torch.topk(scores[:, start:start + length], k, dim=-1).indices
+    top = torch.sort(scores[:, start:start + length], dim=-1, descending=True, stable=True).indices[:, :k]
     top = torch.sort(top, dim=-1).values + start
     before = torch.arange(start, device=device).expand(b, start)
     after = torch.arange(start + length, t, device=device).expand(b, t - start - length)

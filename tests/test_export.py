@@ -132,6 +132,42 @@ def test_custom_nodes_carry_plugin_attributes_and_bodies(art_gamma):
     assert {(f.domain, f.name) for f in model.functions} == {(DOMAIN, t) for t in NODE_TYPES}
 
 
+def _select_session(start: int, length: int, k: int):
+    """One MoDSelect node run by ONNX Runtime through its function body."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gammamod.export.ops import function_protos
+
+    node = helper.make_node("MoDSelect", ["scores"], ["kept"], domain=DOMAIN, start=start, length=length, k=k)
+    graph = helper.make_graph([node], "select", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, None])],
+                              [helper.make_tensor_value_info("kept", TensorProto.INT64, [None, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)],
+                              functions=function_protos(20), ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_mod_select_breaks_ties_by_lower_index_everywhere():
+    """A saturated TanhNorm gives many exactly equal weights: eager PyTorch and the ONNX body
+    must keep the same tokens (ONNX TopK: the lower index first)."""
+    import torch
+
+    from gammamod.export.ops import mod_select
+
+    # by hand: span [1, 5) = [0.5, 1.2, 1.2, 1.2], k = 2 -> the first two 1.2s (positions 2, 3)
+    scores = np.array([[9.0, 0.5, 1.2, 1.2, 1.2, 7.0]], np.float32)
+    expected = [[0, 2, 3, 5]]
+    assert mod_select(torch.from_numpy(scores), 1, 4, 2).tolist() == expected
+    assert _select_session(1, 4, 2).run(None, {"scores": scores})[0].tolist() == expected
+    # the bench model's geometry: 576 routable tokens, hundreds of them tied
+    rng = np.random.default_rng(0)
+    scores = (np.tanh(rng.normal(0, 8, (2, 619))) * 0.2 + 1).astype(np.float32)
+    assert 619 - len(np.unique(scores[0])) > 200
+    for k in (486, 161, 86):
+        ours = mod_select(torch.from_numpy(scores), 33, 576, k).numpy()
+        np.testing.assert_array_equal(_select_session(33, 576, k).run(None, {"scores": scores})[0], ours)
+
+
 def test_tensorrt_copies_strip_bodies_and_share_weights(art_gamma):
     from gammamod.engines.lint import lint_artifact
 
