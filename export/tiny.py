@@ -172,6 +172,50 @@ def _init_weights(model: MoDLlava, recipe: rc.Recipe, seed: int) -> None:
             router = model.model.layers[i].router.router
             normal(router.weight, 1.5 / math.sqrt(cfg.hidden_size))
             normal(router.bias, 0.3)
+        _calibrate_routers(model, recipe, gen)
+
+
+def _calibrate_routers(model: MoDLlava, recipe: rc.Recipe, gen: torch.Generator) -> None:
+    """p-MoD's routers read the raw residual stream, whose scale and common direction grow with
+    depth: seeded weights alone put most image tokens' logits deep in TanhNorm's saturation,
+    where many weights are exactly equal and the top-k is decided by ties and rounding, which
+    trained routers do not do. Rescale each router so its logits over the image tokens of a
+    sample prompt (the bundled test image between random text) spread with std 1.5 around a
+    seeded offset of std 0.5."""
+    from gammamod.demo import test_image
+    from gammamod.runtime.image import ImageProcessor, load_image
+
+    from .checkpoint import default_image_processor
+    from .generate import forward_language
+
+    vision = model.vision
+    size = vision.tower_config["image_size"]
+    pixels = ImageProcessor(default_image_processor(size), vision.image_aspect_ratio).batch([load_image(test_image())])
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        image = model.encode_images(torch.from_numpy(pixels))
+        before = model.embed(torch.randint(3, vocab, (1, 32), generator=gen))
+        after = model.embed(torch.randint(3, vocab, (1, 16), generator=gen))
+        x = torch.cat([before, image, after], dim=1)
+        span = (32, image.shape[1])
+        routers = {i: model.model.layers[i].router.router for i in recipe.mod_layers}
+        offsets = {i: float(torch.randn(1, generator=gen)) * 0.5 for i in routers}
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [r.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0][0, 32:32 + span[1]]))
+                 for i, r in routers.items()]
+        try:
+            # a router changes what later layers see: a few static passes settle every scale
+            for _ in range(3):
+                forward_language(model, x, routable=span, routing="static")
+                for i, router in routers.items():
+                    logits = router(seen[i])[:, 0]
+                    scale = 1.5 / float(logits.std())
+                    router.weight.mul_(scale)
+                    if router.bias is not None:
+                        router.bias.mul_(scale).add_(offsets[i] - float(logits.mean()) * scale)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def _tokenizer_files(sp_model: bytes, max_length: int) -> dict[str, str | bytes]:

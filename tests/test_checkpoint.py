@@ -47,6 +47,32 @@ def test_pmod_checkpoint_is_in_the_authors_format(tiny_pmod):
     assert model.recipe.mod_layers == tuple(range(8, 32))
 
 
+def test_bench_size_has_llava_geometry_and_routers_that_rank(tmp_path, monkeypatch, test_image_path):
+    """The bench model: LLaVA-1.5 geometry, and p-MoD routers that rank image tokens rather than
+    saturate TanhNorm (saturated weights tie exactly, and the kept set is then decided by ties and
+    rounding: an ONNX Runtime run and PyTorch would keep different tokens)."""
+    import gammamod.export.routing as routing
+    from gammamod.export.generate import generate_from_embeds
+    from gammamod.export.tiny import make_tiny
+    from gammamod.validate.parity import reference_batch
+
+    ckpt = make_tiny(tmp_path / "bench", "p-mod", size="bench")
+    model = load_checkpoint(ckpt)
+    assert (model.config.num_layers, model.config.hidden_size, model.vision.image_tokens) == (32, 512, 576)
+    weights = {}
+    select = routing.select_kept
+    monkeypatch.setattr(routing, "select_kept", lambda w, start, length, k: (
+        weights.setdefault(len(weights), w[0, start:start + length].clone()), select(w, start, length, k))[1])
+    batch = reference_batch(model, ckpt, ["What is in the picture?"], test_image_path)
+    generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, routing="static", max_new_tokens=1)
+    assert len(weights) == len(model.recipe.mod_layers)
+    norm = model.recipe.score_norm  # TanhNorm: tanh(logit) * 0.2 + 1, bounds 0.8 and 1.2
+    low, high = torch.tensor(-norm.scale + norm.bias), torch.tensor(norm.scale + norm.bias)
+    for layer, w in weights.items():
+        at_bound = ((w == low) | (w == high)).float().mean().item()
+        assert at_bound <= 0.05, f"MoD layer {layer}: {at_bound:.0%} of image tokens saturate TanhNorm"
+
+
 def test_gamma_bin_save_with_router_under_every_key(tiny_gamma, copy_ckpt):
     """.bin saves (read with weights_only=True) store the shared router under every MoD layer."""
     ckpt = copy_ckpt(tiny_gamma)
