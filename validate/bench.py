@@ -59,10 +59,18 @@ class Config:
 # the machine
 
 
-def machine_rates(threads: int) -> dict:
-    """ONNX Runtime's fp32 matmul rate (2048^3 GEMM) and read bandwidth (GEMV over 256 MiB)."""
+def machine_rates(threads: int, device: str = "cpu") -> dict | None:
+    """ONNX Runtime's fp32 matmul rate (2048^3 GEMM) and read bandwidth (GEMV over 256 MiB) on
+    ``device``; None where ORT cannot run there (a GPU without onnxruntime-gpu)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1]) if ":" in device else 0})]
+    else:
+        return None
 
     def session(a_shape, w):
         g = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "g",
@@ -74,7 +82,7 @@ def machine_rates(threads: int) -> dict:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.add_session_config_entry("session.disable_prepacking", "1")  # as the runtime runs its weights
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
 
     def best(fn, n=5):
         fn()
@@ -94,7 +102,7 @@ def machine_rates(threads: int) -> dict:
     x = rng.standard_normal((1, 4096)).astype(np.float32)
     s = session(x.shape, w)
     gbps = w.nbytes / best(lambda: s.run(None, {"a": x})) / 1e9
-    return {"matmul_gflops": gflops, "memory_gbps": gbps, "threads": threads}
+    return {"matmul_gflops": gflops, "memory_gbps": gbps, "threads": threads, "device": device}
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +118,7 @@ def _worker(conn, config: Config, image: str, prompt: str, tokens: int, threads:
             if cmd == "measure":
                 conn.send(("ok", run.measure()))
             elif cmd == "stats":
-                conn.send(("ok", {"peak_rss_mib": _peak_rss_mib()}))
+                conn.send(("ok", {"peak_rss_mib": _peak_rss_mib(), "device_memory_mib": run.device_memory_mib()}))
             else:
                 break
     except BaseException as e:  # report, do not hang the parent
@@ -134,6 +142,25 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _gpu_memory_mib(device: str) -> float | None:
+    """GPU memory used by this process on ``device`` (NVML), or None on CPU / without NVML."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.split(":")[1]) if ":" in device else 0)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return proc.usedGpuMemory / 2**20
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 class _Runner:
     """Loads one configuration; ``measure()`` times one pass: vision, prefill, ``tokens`` greedy steps."""
 
@@ -141,6 +168,7 @@ class _Runner:
         self.config, self.tokens = config, tokens
         self.image, self.prompt = image, prompt
         self.info: dict = {}
+        self._peak_device = 0.0
         if config.kind == "runtime":
             from gammamod.runtime.image import load_image
             from gammamod.runtime.pipeline import Pipeline
@@ -167,7 +195,14 @@ class _Runner:
                 self.hf = _transformers_twin(self.model)
 
     def measure(self) -> dict:
-        return self._runtime() if self.config.kind == "runtime" else self._torch()
+        result = self._runtime() if self.config.kind == "runtime" else self._torch()
+        self._peak_device = max(self._peak_device, _gpu_memory_mib(self.config.device) or 0.0)
+        return result
+
+    def device_memory_mib(self) -> float | None:
+        """The most GPU memory this process held after a pass (its arena and engines keep what
+        they took, so that is its peak); None on CPU or without NVML (nvidia-ml-py)."""
+        return self._peak_device or None
 
     def _runtime(self) -> dict:
         pipe = self.pipe
@@ -328,7 +363,7 @@ def measure_configs(configs: list[Config], image: str, prompt: str, tokens: int,
             "prefill_ms_all": [r["prefill_s"] * 1e3 for r in runs], "decode_ms_all": [r["decode_s"] * 1e3 for r in runs],
             "seq_len": runs[-1]["seq_len"], "kv_bytes": runs[-1]["kv_bytes"],
             "kv_bytes_per_layer": runs[-1].get("kv_bytes_per_layer"), "peak_rss_mib": stats[cfg.label]["peak_rss_mib"],
-            "device_memory_mib": None}
+            "device_memory_mib": stats[cfg.label]["device_memory_mib"]}
     return out
 
 
@@ -381,21 +416,23 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     if dense_artifact is None and reference is not None and routed:
         dense_artifact = _dense_twin(reference, manifest, out_dir, stage)
     stage("measuring the machine")()
-    before = machine_rates(threads)
+    before = machine_rates(threads, device)
 
     label = f"{recipe} / {backend}"
     configs = [Config(label, "runtime", artifact=str(artifact), backend=backend, device=device)]
     if dense_artifact is not None:
         configs.append(Config(f"dense / {backend}", "runtime", artifact=str(dense_artifact), backend=backend,
                               device=device))
-    if reference is not None:
-        configs.append(Config(f"{recipe} / pytorch", "pytorch", checkpoint=str(reference),
+    if reference is not None:  # eager CPU baselines (the reference model runs on CPU)
+        where = "" if device == "cpu" else " (cpu)"
+        configs.append(Config(f"{recipe} / pytorch{where}", "pytorch", checkpoint=str(reference),
                               routing="static" if routed else "dense"))
-        configs.append(Config("dense / transformers", "transformers", checkpoint=str(reference), routing="dense"))
+        configs.append(Config(f"dense / transformers{where}", "transformers", checkpoint=str(reference),
+                              routing="dense"))
     results = measure_configs(configs, image, prompt, tokens, threads, warmup, repeats, progress)
     # the machine's best rates, before and after: one slow moment must not inflate the roofline shares
-    after = machine_rates(threads)
-    machine = {k: max(before[k], after[k]) for k in before}
+    after = machine_rates(threads, device)
+    machine = {**before, **{k: max(before[k], after[k]) for k in ("matmul_gflops", "memory_gbps")}} if before else None
 
     seq_len = results[label]["seq_len"]
     flops = {"routed": prefill_flops(manifest, seq_len, routed), "dense": prefill_flops(manifest, seq_len, False)}
@@ -404,14 +441,17 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
         is_routed = routed and not name.startswith("dense")
         r["prefill_gflop"] = flops["routed" if is_routed else "dense"] / 1e9
         r["prefill_gflops"] = r["prefill_gflop"] / (r["prefill_ms"] / 1e3)
-        r["prefill_roofline"] = r["prefill_gflops"] / machine["matmul_gflops"]
+        on_device = machine is not None and (r["kind"] == "runtime" or device == "cpu")
+        r["prefill_roofline"] = r["prefill_gflops"] / machine["matmul_gflops"] if on_device else None
         read = weight_bytes + r["kv_bytes"]
         r["decode_bytes_per_token"] = read
         r["decode_gbps"] = read / (r["decode_ms_per_token"] / 1e3) / 1e9
-        r["decode_roofline"] = r["decode_gbps"] / machine["memory_gbps"]
+        r["decode_roofline"] = r["decode_gbps"] / machine["memory_gbps"] if on_device else None
 
-    ratios, goals = {}, []
+    ratios = {}
     dense_label = f"dense / {backend}"
+    where = "" if device == "cpu" else " (cpu)"
+    pytorch_label, hf_label = f"{recipe} / pytorch{where}", f"dense / transformers{where}"
     if dense_label in results and routed:
         speedup = results[dense_label]["prefill_ms"] / results[label]["prefill_ms"]
         flop_speedup = flops["dense"] / flops["routed"]
@@ -420,23 +460,23 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
         ratios["decode speedup MoD vs dense"] = (results[dense_label]["decode_ms_per_token"]
                                                  / results[label]["decode_ms_per_token"])
         ratios["KV bytes MoD / dense"] = results[label]["kv_bytes"] / results[dense_label]["kv_bytes"]
-        goals.append(_goal("prefill MoD vs dense, share of the FLOP speedup", speedup / flop_speedup))
-    if dense_label in results and "dense / transformers" in results:
-        value = results["dense / transformers"]["prefill_ms"] / results[dense_label]["prefill_ms"]
-        ratios["prefill dense runtime vs transformers eager"] = value
-        goals.append(_goal("prefill dense runtime vs transformers eager", value))
-    pytorch_label = f"{recipe} / pytorch"
+        ratios["prefill MoD vs dense, share of the FLOP speedup"] = speedup / flop_speedup
+    if dense_label in results and hf_label in results:
+        ratios["prefill dense runtime vs transformers eager"] = (results[hf_label]["prefill_ms"]
+                                                                 / results[dense_label]["prefill_ms"])
     if pytorch_label in results:
-        value = results[pytorch_label]["decode_ms_per_token"] / results[label]["decode_ms_per_token"]
-        ratios["decode runtime vs PyTorch reference"] = value
+        ratios["decode runtime vs PyTorch reference"] = (results[pytorch_label]["decode_ms_per_token"]
+                                                         / results[label]["decode_ms_per_token"])
         ratios["prefill runtime vs PyTorch reference"] = (results[pytorch_label]["prefill_ms"]
                                                           / results[label]["prefill_ms"])
-        goals.append(_goal("decode runtime vs PyTorch reference", value))
+    # the goals are set for ONNX Runtime on CPU against CPU baselines
+    goals = [_goal(name, ratios[name]) for name in GOALS if name in ratios] if device == "cpu" else []
 
     report = {"artifact": str(artifact), "reference": str(reference) if reference else None,
               "dense_artifact": str(dense_artifact) if dense_artifact else None, "recipe": recipe,
               "dtype": manifest["model"]["dtype"], "prompt": prompt, "image": image, "seq_len": seq_len,
-              "decode_tokens": tokens, "warmup": warmup, "repeats": repeats, "machine": machine,
+              "decode_tokens": tokens, "warmup": warmup, "repeats": repeats, "threads": threads, "device": device,
+              "machine": machine,
               "prefill_gflop": {k: v / 1e9 for k, v in flops.items()}, "decode_weight_bytes": weight_bytes,
               "configs": results, "ratios": ratios, "goals": goals}
     if sweep:
@@ -515,19 +555,30 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    machine = (f"Machine ({m['device']}): {m['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {m['memory_gbps']:.1f} GB/s "
+               "read (both measured with ONNX Runtime)." if m else
+               "Machine rates: not measured (ONNX Runtime has no provider for this device).")
+    gpu = any(r.get("device_memory_mib") is not None for r in report["configs"].values())
     lines = [f"# gammamod bench: {report['recipe']} ({report['dtype']})", "",
              f"Prompt of {report['seq_len']} tokens (image + {report['prompt']!r}), {report['decode_tokens']} greedy "
              f"decode tokens, median of {report['repeats']} rounds after {report['warmup']} warm-up, "
-             f"{m['threads']} threads. Machine: {m['matmul_gflops']:.0f} GFLOP/s fp32 matmul, "
-             f"{m['memory_gbps']:.1f} GB/s read (both measured with ONNX Runtime).", "",
+             f"{report['threads']} threads. {machine}", "",
              "| configuration | vision ms | prefill ms | time to first token ms | decode ms/token | tokens/s | "
-             "end to end ms | prefill GFLOP/s (of peak) | decode GB/s (of bandwidth) | KV MiB | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "end to end ms | prefill GFLOP/s (of peak) | decode GB/s (of bandwidth) | KV MiB | peak RSS MiB |"
+             + (" device MiB |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+
+    def share(value, of, fmt=".0f"):
+        return f"{value:{fmt}} ({of:.0%})" if of is not None else f"{value:{fmt}}"
+
     for name, r in report["configs"].items():
+        device = r.get("device_memory_mib")
         lines.append(f"| {name} | {r['vision_ms']:.0f} | {r['prefill_ms']:.0f} | {r['ttft_ms']:.0f} | "
                      f"{r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | {r['e2e_ms']:.0f} | "
-                     f"{r['prefill_gflops']:.0f} ({r['prefill_roofline']:.0%}) | {r['decode_gbps']:.1f} "
-                     f"({r['decode_roofline']:.0%}) | {r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} |")
+                     f"{share(r['prefill_gflops'], r['prefill_roofline'])} | "
+                     f"{share(r['decode_gbps'], r['decode_roofline'], '.1f')} | "
+                     f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} |"
+                     + (f" {device:.0f} |" if device is not None else (" - |" if gpu else "")))
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
     if report["goals"]:
