@@ -277,7 +277,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.workdir), fresh=args.fresh)
+    return run_demo(Path(args.workdir), fresh=args.fresh, quick=args.quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,10 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline end to end on seeded tiny checkpoints",
                        description="Make tiny gamma-MoD and p-MoD checkpoints, generate from the bundled test "
-                                   "image in every routing mode, and print a summary table.")
+                                   "image in every routing mode, export both to ONNX and check them on ONNX "
+                                   "Runtime, generate through the torch-free runtime, then export, validate and "
+                                   "bench a bench-size p-MoD model.")
     p.add_argument("--workdir", default="gammamod-demo", help="where checkpoints and artifacts go "
                    "(default ./gammamod-demo)")
     p.add_argument("--fresh", action="store_true", help="rebuild everything in the workdir")
+    p.add_argument("--quick", action="store_true", help="stop before the bench-size model (its export, "
+                   "validate and bench take a few minutes)")
     p.set_defaults(func=cmd_demo)
     return parser
 

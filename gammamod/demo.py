@@ -6,7 +6,9 @@
 3. export both to static-capacity ONNX (with the TensorRT 10.3 copies), lint them for TensorRT,
    and check the exported decoder on ONNX Runtime against the PyTorch static mode;
 4. generate through the torch-free runtime (a batch of two prompts about the image, and a chat
-   turn that reuses the cached image): time to first token, tokens/s, KV cache per layer.
+   turn that reuses the cached image): time to first token, tokens/s, KV cache per layer;
+5. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _kept_text(counts: dict[int, int], seq_len: int) -> str:
             f"L{layers[-1]}:{counts[layers[-1]]} ({len(layers)} layers)")
 
 
-def run_demo(workdir: Path, fresh: bool = False) -> int:
+def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     image = test_image()
     console.print(f"[bold]gammamod demo[/bold]: tiny checkpoints in {workdir}, image {image.name}")
@@ -44,6 +46,8 @@ def run_demo(workdir: Path, fresh: bool = False) -> int:
     _reference_table(checkpoints, image)
     artifacts = _export_table(workdir, checkpoints, image, fresh)
     _runtime_table(artifacts, image)
+    if not quick:
+        _bench_size(workdir, image, fresh)
     return 0
 
 
@@ -144,3 +148,31 @@ def _runtime_table(artifacts: dict[str, Path], image: Path) -> None:
                       f"{min(mod) / 1024:.1f} / {max(dense) / 1024:.1f} KiB" if mod else "-",
                       f"{pipe.last_stats.prefill_s * 1000:.1f} ms to first token: {second.text[:20]!r}")
     console.print(table)
+
+
+def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
+    from rich.markdown import Markdown
+
+    from gammamod.export.exporter import ExportOptions, export_artifact
+    from gammamod.export.tiny import make_tiny
+    from gammamod.validate.bench import run_bench
+    from gammamod.validate.validate import run_validate, summary_table, write_report
+
+    ckpt, art = workdir / "bench-p-mod", workdir / "bench-artifact-p-mod"
+    if fresh or not (ckpt / "config.json").is_file():
+        with stage_progress("make-tiny p-mod --size bench") as tick:
+            make_tiny(ckpt, "p-mod", size="bench", seed=0, shard_mb=200, force=True, progress=tick)
+    if fresh or not (art / "manifest.json").is_file():
+        with StageProgress("export bench-size p-mod") as progress:
+            export_artifact(ckpt, art, ExportOptions(force=True), progress=progress)
+    console.print("[bold]4. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
+    with StageProgress("validate") as progress:
+        report = run_validate(art, ckpt, samples=2, steps=8, progress=progress)
+    write_report(report, workdir / "bench-validate.json")
+    console.print(summary_table(report))
+    with StageProgress("bench") as progress:
+        bench = run_bench(art, reference=ckpt, tokens=16, warmup=2, repeats=3, out_dir=workdir / "bench-results",
+                          image=image, progress=progress)
+    console.print(Markdown((workdir / "bench-results" / "bench.md").read_text()))
+    console.print(f"[bold]chart:[/bold] {bench['outputs']['bench.png']}  (table {bench['outputs']['bench.md']}, "
+                  f"data {bench['outputs']['bench.json']})", soft_wrap=True)
