@@ -161,10 +161,13 @@ class DecodeGraph(nn.Module):
             names += [f"present_key.{i}", f"present_value.{i}", f"new_kv_length.{i}"]
         return names
 
+    def _store(self, seq_lengths, past) -> KVStore:
+        return GraphKV(torch.zeros_like(seq_lengths), past)
+
     def forward(self, inputs_embeds, seq_lengths, past_length, *cache):
         layers = self.model.config.num_layers
         past = [(cache[3 * i], cache[3 * i + 1], cache[3 * i + 2]) for i in range(layers)]
-        kv = GraphKV(torch.zeros_like(seq_lengths), past)
+        kv = self._store(seq_lengths, past)
         step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths)
         hidden = self.model.forward_chunk(inputs_embeds, step)
         outs = [_last_logits(self.model, hidden, seq_lengths)]
@@ -215,15 +218,13 @@ class FusedGraphKV(KVStore):
         return out
 
 
-class FusedDecodeGraph(nn.Module):
+class FusedDecodeGraph(DecodeGraph):
     """The decode graph for ONNX Runtime on CPU: one token per row, attention and RoPE as its fused
     contrib ops, the KV cache updated in place. Inputs and outputs as :class:`DecodeGraph`, except
     that ``present_key.l``/``present_value.l`` are the whole buffers (bound to the past ones)."""
 
     def __init__(self, model: MoDLlava, routing: str, max_seq: int):
-        super().__init__()
-        self.model = model
-        self.routing = routing
+        super().__init__(model, routing)
         cfg = model.config
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
@@ -232,19 +233,8 @@ class FusedDecodeGraph(nn.Module):
         self.register_buffer("rope_cos", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
         self.register_buffer("rope_sin", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
 
-    input_names = DecodeGraph.input_names
-    output_names = DecodeGraph.output_names
-
-    def forward(self, inputs_embeds, seq_lengths, past_length, *cache):
-        layers = self.model.config.num_layers
-        past = [(cache[3 * i], cache[3 * i + 1], cache[3 * i + 2]) for i in range(layers)]
-        kv = FusedGraphKV(torch.zeros_like(seq_lengths), past, self.rope_cos, self.rope_sin)
-        step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths)
-        hidden = self.model.forward_chunk(inputs_embeds, step)
-        outs = [_last_logits(self.model, hidden, seq_lengths)]
-        for i in range(layers):
-            outs += list(kv.present[i])
-        return tuple(outs)
+    def _store(self, seq_lengths, past) -> KVStore:
+        return FusedGraphKV(torch.zeros_like(seq_lengths), past, self.rope_cos, self.rope_sin)
 
 
 def rope_tables(cfg, max_seq: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

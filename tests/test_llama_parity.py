@@ -2,23 +2,13 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gammamod.export import forward_language, generate_from_embeds
+from gammamod.validate.bench import transformers_twin
 
 
 def hf_twin(model):
-    c = model.config
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                      num_key_value_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-                      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False)
-    cfg._attn_implementation = "eager"
-    hf = LlamaForCausalLM(cfg).eval()
-    state = {k: v for k, v in model.state_dict().items()
-             if not (".router" in k or k.startswith(("model.vision_tower.", "model.mm_projector.")))}
-    hf.load_state_dict(state, strict=True)  # the same names: ours mirror the checkpoint keys
-    return hf
+    return transformers_twin(model, attention="eager")
 
 
 @pytest.mark.parametrize("recipe", ["llava", "gamma-mod", "p-mod"])

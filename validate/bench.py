@@ -192,7 +192,7 @@ class _Runner:
             self.pixels = torch.from_numpy(proc.batch([load_image(image)]))
             self.info = {"backend": f"torch {torch.__version__} ({torch.get_num_threads()} threads, SDPA)"}
             if config.kind == "transformers":
-                self.hf = _transformers_twin(self.model)
+                self.hf = transformers_twin(self.model)
 
     def measure(self) -> dict:
         result = self._runtime() if self.config.kind == "runtime" else self._torch()
@@ -271,8 +271,9 @@ def _past_keys(past):
     return [k for k, _ in past]
 
 
-def _transformers_twin(model):
-    """transformers' LlamaForCausalLM with our decoder's weights, eager with SDPA."""
+def transformers_twin(model, attention: str = "sdpa"):
+    """transformers' LlamaForCausalLM with our decoder's weights (the same names: ours mirror the
+    checkpoint keys), eager with ``attention`` ("sdpa" or "eager")."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -280,7 +281,7 @@ def _transformers_twin(model):
                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                       num_key_value_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
                       max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention
     hf = LlamaForCausalLM(cfg).eval()
     hf.load_state_dict({k: v for k, v in model.state_dict().items()
                         if not (".router" in k or k.startswith(("model.vision_tower.", "model.mm_projector.")))})
