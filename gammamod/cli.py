@@ -284,6 +284,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gammamod.engines.targets import TARGETS
+
     parser = argparse.ArgumentParser(
         prog="gammamod",
         description="Deploy Mixture-of-Depths LLaVA models (gamma-MoD, p-MoD): make test checkpoints, "
@@ -357,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=8)
     p.add_argument("--max-seq", type=_positive_int, default=None,
                    help="longest sequence (default: the model's max positions, at most 4096)")
-    p.add_argument("--for-tensorrt", action="append", choices=("10.3", "10.x", "11.x"), metavar="VERSION",
+    p.add_argument("--for-tensorrt", action="append", choices=tuple(TARGETS), metavar="VERSION",
                    help="also write the copies TensorRT VERSION parses (10.3, 10.x or 11.x; repeatable)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "without plugin attributes, function bodies that would shadow the plugin, "
                                    "data-dependent shapes. Exit 1 on errors.")
     p.add_argument("path", type=Path, help="artifact directory or .onnx file")
-    p.add_argument("--tensorrt", required=True, choices=("10.3", "10.x", "11.x"))
+    p.add_argument("--tensorrt", required=True, choices=tuple(TARGETS))
     p.set_defaults(func=cmd_check_onnx)
 
     p = sub.add_parser("run", help="generate from an exported artifact (no torch)",

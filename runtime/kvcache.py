@@ -23,6 +23,16 @@ MIN_WINDOW = 64
 GROW_STEP = 256  # past one step, windows grow by whole steps: masked slots the graphs read stay few
 
 
+def grown_window(layer: int, old: int, needed: int, max_seq: int) -> int | None:
+    """A layer's next window (entries per row) when ``needed`` exceeds ``old``, else None: doubling
+    while small, then whole GROW_STEPs, never past ``max_seq`` (asking for more is an error)."""
+    if needed <= old:
+        return None
+    if needed > max_seq:
+        raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
+                            f"artifact's max_seq {max_seq} (re-export with a larger --max-seq)")
+    return min(max(2 * old if old < GROW_STEP else 0, -(-needed // GROW_STEP) * GROW_STEP, needed), max_seq)
+
 class KVCache:
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_seq: int, dtype,
                  full: bool = False):
@@ -56,12 +66,9 @@ class KVCache:
     def reserve(self, layer: int, needed: int) -> None:
         """Make room for ``needed`` entries per row in ``layer`` (doubling its window)."""
         old = self.windows[layer]
-        if needed <= old:
+        new = grown_window(layer, old, needed, self.max_seq)
+        if new is None:
             return
-        if needed > self.max_seq:
-            raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
-                                f"artifact's max_seq {self.max_seq} (re-export with a larger --max-seq)")
-        new = min(max(2 * old if old < GROW_STEP else 0, -(-needed // GROW_STEP) * GROW_STEP, needed), self.max_seq)
         row = self.head_dim
         for flat in (self._keys[layer], self._values[layer]):
             # rows (b, h) move from stride old*d to stride new*d, last first so none is overwritten

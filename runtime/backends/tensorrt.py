@@ -228,15 +228,12 @@ class DeviceKVCache:
                                                       ctypes.c_size_t(nbytes), kind, ctypes.c_void_p(self.stream.ptr)))
 
     def reserve(self, layer, needed):
-        old = self.windows[layer]
-        if needed <= old:
-            return
-        if needed > self.max_seq:
-            raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, more than the "
-                                f"artifact's max_seq {self.max_seq}")
-        from gammamod.runtime.kvcache import GROW_STEP
+        from gammamod.runtime.kvcache import grown_window
 
-        new = min(max(2 * old if old < GROW_STEP else 0, -(-needed // GROW_STEP) * GROW_STEP, needed), self.max_seq)
+        old = self.windows[layer]
+        new = grown_window(layer, old, needed, self.max_seq)
+        if new is None:
+            return
         row = self.head_dim * self.dtype.itemsize
         scratch = None
         for buf in (self._keys[layer], self._values[layer]):
