@@ -20,6 +20,7 @@ import torch
 
 from gammamod import __version__
 from gammamod.errors import GammamodError
+from gammamod.lifecycle import OutputDir, check_replaceable, is_artifact
 from gammamod.manifest import SCHEMA, SCHEMA_VERSION, Manifest, describe_files, now
 
 from . import ops
@@ -218,6 +219,9 @@ class _Forked:
     def _child(self, conn) -> None:
         import onnx_ir as ir
 
+        from gammamod.lifecycle import die_with_parent
+
+        die_with_parent()
         try:
             model = self.job()
             specs = prepare_graph(model, prefix="model.")
@@ -247,6 +251,12 @@ class _Forked:
         model = self.job()
         return model, prepare_graph(model, prefix="model.")
 
+    def stop(self) -> None:
+        """Kill the child if it still runs (the export failed or was interrupted)."""
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
 
 def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, capacity: dict[int, int],
                  max_seq: int, stages):
@@ -254,18 +264,26 @@ def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, c
     (``onnx_graph.prepare_graph``) -> ({kind: ir.Model}, {kind: weight specs})."""
     span = layout.routable if opts.routing == "static" and ckpt.recipe.is_mod else None
     stages("tracing prefill and decode graphs")()
-    decode = _Forked(lambda: _trace_decode(model, ckpt, opts, max_seq))
-    fused = _Forked(lambda: _trace_fused_decode(model, ckpt, opts, max_seq)) if _wants_fused(opts) else None
-    graphs, specs = {}, {}
-    if ckpt.vision is not None and ckpt.vision.has_tower:
-        graphs["vision"] = _trace_vision(model, ckpt, opts)
-        specs["vision"] = prepare_graph(graphs["vision"], prefix="model.")
-    graphs["prefill"] = _trace_prefill(model, ckpt, opts, span, capacity, max_seq)
-    specs["prefill"] = prepare_graph(graphs["prefill"], prefix="model.")
-    graphs["decode"], specs["decode"] = decode.result()
-    if fused is not None:
-        graphs["decode_ort"], specs["decode_ort"] = fused.result()
-    return graphs, specs
+    children: list[_Forked] = []
+    try:
+        decode = _Forked(lambda: _trace_decode(model, ckpt, opts, max_seq))
+        children.append(decode)
+        fused = _Forked(lambda: _trace_fused_decode(model, ckpt, opts, max_seq)) if _wants_fused(opts) else None
+        children.append(fused)
+        graphs, specs = {}, {}
+        if ckpt.vision is not None and ckpt.vision.has_tower:
+            graphs["vision"] = _trace_vision(model, ckpt, opts)
+            specs["vision"] = prepare_graph(graphs["vision"], prefix="model.")
+        graphs["prefill"] = _trace_prefill(model, ckpt, opts, span, capacity, max_seq)
+        specs["prefill"] = prepare_graph(graphs["prefill"], prefix="model.")
+        graphs["decode"], specs["decode"] = decode.result()
+        if fused is not None:
+            graphs["decode_ort"], specs["decode_ort"] = fused.result()
+        return graphs, specs
+    finally:
+        for child in children:
+            if child is not None:
+                child.stop()
 
 
 def _wants_fused(opts: ExportOptions) -> bool:
@@ -329,8 +347,7 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
         raise GammamodError(f"routing {opts.routing!r}: expected static or dense")
     if opts.dtype not in DTYPES:
         raise GammamodError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if out.exists() and not opts.force:
-        raise GammamodError(f"{out}: already exists (pass --force to replace it)")
+    check_replaceable(out, opts.force, [checkpoint, opts.vision_tower], is_artifact, "artifact directory")
     stages("reading checkpoint")()
     ckpt = open_checkpoint(checkpoint, opts.vision_tower)
     dtype = DTYPES[opts.dtype]
@@ -359,11 +376,8 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     elif opts.capacity or opts.skip_ratio is not None:
         raise GammamodError("--capacity and --skip-ratio apply to static routing of a MoD checkpoint")
 
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
+    with OutputDir(out, force=opts.force, inputs=[checkpoint, opts.vision_tower], is_ours=is_artifact,
+                   what="artifact directory") as partial:
         model = ckpt.skeleton(dtype, "meta")
         fused = fuse_projections(model)
         graphs, specs = trace_graphs(model, ckpt, opts, layout, capacity, max_seq, stages)
@@ -410,12 +424,6 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
             write_tensorrt_copies(manifest, opts.tensorrt)
         manifest.data["files"] = describe_files(partial, [p.name for p in partial.iterdir() if p.name != "manifest.json"])
         manifest.write()
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     manifest.root = out
     return manifest
 

@@ -18,13 +18,13 @@ import io
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gammamod.errors import GammamodError
+from gammamod.lifecycle import OutputDir, check_replaceable
 
 from . import recipes as rc
 from .checkpoint import checkpoint_key, default_image_processor
@@ -33,6 +33,11 @@ from .model import DecoderConfig, MoDLlava, VisionSpec
 TINY_RECIPES = ("gamma-mod", "p-mod", "llava")
 SIZES = ("tiny", "bench")
 TOWER_DIR = "clip-vision-tower"
+MARKER = "gammamod-tiny.json"  # how --force recognises a checkpoint make-tiny wrote (loaders ignore it)
+
+
+def is_tiny_checkpoint(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
 
 
 @dataclass(frozen=True)
@@ -271,8 +276,7 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
     if layout not in ("original", "hf") or (layout == "hf" and recipe_name != "llava"):
         raise GammamodError(f"--layout {layout!r}: expected original, or hf for --recipe llava")
     out = Path(out)
-    if out.exists() and not force:
-        raise GammamodError(f"{out}: already exists (pass --force to replace it)")
+    check_replaceable(out, force, is_ours=is_tiny_checkpoint, what="make-tiny checkpoint")
     tick = progress or (lambda msg: None)
     g = GEOMETRY[size]
     layers = g.layers[recipe_name]
@@ -310,11 +314,7 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
             tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
 
     tick("writing")
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with OutputDir(out, force=force, is_ours=is_tiny_checkpoint, what="make-tiny checkpoint") as tmp:
         dtype_name = {torch.float32: "float32", torch.float16: "float16"}[g.dtype]
         shard_bytes = int(shard_mb * 2**20) if shard_mb else None
         _save_safetensors(tensors, tmp, shard_bytes)
@@ -338,12 +338,8 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
                 save_file({k: v.contiguous() for k, v in tower_state.items()}, str(tower / "model.safetensors"))
             config = _llava_config(recipe_name, cfg, g, recipe_fields, dtype_name)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MARKER).write_text(json.dumps({"recipe": recipe_name, "size": size, "seed": seed, "layout": layout},
+                                             indent=2) + "\n")
     return out
 
 

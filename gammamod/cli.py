@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'gammamod COMMAND --help' for a command's options. 'gammamod demo' runs the whole "
                "pipeline on seeded tiny checkpoints.")
     parser.add_argument("--version", action="version", version=f"gammamod {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("make-tiny", help="write a seeded tiny checkpoint in a recipe's exact on-disk format",
@@ -453,6 +454,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupted:
+    """SIGINT and SIGTERM end a command the same way: KeyboardInterrupt raised in the main thread,
+    cleanup on the way out, one line. torch's exporter wraps exceptions raised inside it into its
+    own; the flag tells the handler below that such an error is really the interrupt."""
+
+    signal_name: str | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        import signal
+
+        def handler(signum, frame):
+            cls.signal_name = signal.Signals(signum).name
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -461,15 +486,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "command", None) in ("run", "bench") and args.device is None:
         args.device = "cuda:0" if args.backend == "tensorrt" else "cpu"
+    _Interrupted.install()
+    name = f"gammamod {args.command}"
     try:
         return int(args.func(args) or 0)
     except GammamodError as e:
-        print(f"gammamod {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gammamod {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted{' (' + _Interrupted.signal_name + ')' if _Interrupted.signal_name else ''}",
+              file=sys.stderr)
         return 130
-
+    except OSError as e:  # the machine said no: a full disk, a permission, a missing file
+        if _Interrupted.signal_name:
+            print(f"{name}: interrupted ({_Interrupted.signal_name})", file=sys.stderr)
+            return 130
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{name}: error: {where}{e.strerror or _one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if _Interrupted.signal_name:
+            print(f"{name}: interrupted ({_Interrupted.signal_name})", file=sys.stderr)
+            return 130
+        if args.debug:
+            raise
+        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)} (a bug: run again with --debug for "
+              "the traceback and report it)", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

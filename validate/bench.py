@@ -110,6 +110,9 @@ def machine_rates(threads: int, device: str = "cpu") -> dict | None:
 
 
 def _worker(conn, config: Config, image: str, prompt: str, tokens: int, threads: int) -> None:
+    from gammamod.lifecycle import die_with_parent
+
+    die_with_parent()
     try:
         run = _Runner(config, image, prompt, tokens, threads)
         conn.send(("ready", run.info))
@@ -304,12 +307,15 @@ def _start(configs: list[Config], image: str, prompt: str, tokens: int, threads:
         child.close()
         workers[cfg.label] = (proc, parent)
     info = {}
-    for label, (_, conn) in workers.items():
-        status, payload = conn.recv()
-        if status == "error":
-            _stop(workers)
-            raise GammamodError(f"bench could not start {payload}")
-        info[label] = payload
+    try:
+        for label, (_, conn) in workers.items():
+            status, payload = conn.recv()
+            if status == "error":
+                raise GammamodError(f"bench could not start {payload}")
+            info[label] = payload
+    except BaseException:
+        _stop(workers, kill=True)
+        raise
     return workers, info
 
 
@@ -318,20 +324,22 @@ def _ask(workers, label, cmd):
     conn.send(cmd)
     status, payload = conn.recv()
     if status == "error":
-        _stop(workers)
         raise GammamodError(f"bench failed in {payload}")
     return payload
 
 
-def _stop(workers) -> None:
+def _stop(workers, kill: bool = False) -> None:
+    """Ask the workers to end (or kill them: after an error or an interrupt), and reap them."""
     for proc, conn in workers.values():
-        try:
-            conn.send("stop")
-        except (BrokenPipeError, OSError):
-            pass
-        proc.join(timeout=30)
+        if not kill:
+            try:
+                conn.send("stop")
+            except (BrokenPipeError, OSError):
+                kill = True
+        proc.join(timeout=0 if kill else 30)
         if proc.is_alive():
             proc.kill()
+            proc.join()
 
 
 def measure_configs(configs: list[Config], image: str, prompt: str, tokens: int, threads: int, warmup: int,
@@ -350,8 +358,10 @@ def measure_configs(configs: list[Config], image: str, prompt: str, tokens: int,
                     samples[cfg.label].append(result)
                 advance()
         stats = {label: _ask(workers, label, "stats") for label in samples}
-    finally:
-        _stop(workers)
+    except BaseException:
+        _stop(workers, kill=True)
+        raise
+    _stop(workers)
     out = {}
     for cfg in configs:
         runs = samples[cfg.label]
