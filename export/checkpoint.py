@@ -565,7 +565,21 @@ def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
         if tuple(ref.shape) != shape:
             raise GammamodError(f"{ref.file}: {ref.key} has shape {list(ref.shape)}, expected {list(shape)} "
                                 "from config.json")
+        if _dtype_name(ref.dtype) not in FLOAT_DTYPES:
+            raise GammamodError(f"{ref.file}: {ref.key} holds {_dtype_name(ref.dtype)} values, expected floating "
+                                "point weights (float32, float16 or bfloat16; quantized checkpoints are not read)")
     return ckpt
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _dtype_name(dtype: str) -> str:
+    """A tensor's dtype as listed by safetensors ('F16') or torch ('torch.float16') -> 'float16'."""
+    return _SAFETENSORS_DTYPES.get(dtype, dtype.removeprefix("torch."))
 
 
 def load_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None,

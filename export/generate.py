@@ -59,6 +59,9 @@ def _check_call(model: MoDLlava, inputs_embeds: torch.Tensor, routable, routing:
 
 
 def capacities(model: MoDLlava, routable, routing: str, skip_ratio=None, capacity=None) -> dict[int, int]:
+    if skip_ratio is not None and model.recipe.kept != "skip-ratio":
+        raise GammamodError(f"skip ratio {skip_ratio}: applies to gamma-MoD; this {model.recipe.name} checkpoint keeps "
+                            "counts from its own layer schedule")
     if routable is None or routing == "dense" or not model.recipe.is_mod:
         return {}
     if routing == "reference" and model.recipe.kept == "skip-ratio":
@@ -123,8 +126,12 @@ def generate_from_embeds(model: MoDLlava, inputs_embeds: torch.Tensor, routable:
     """Prefill ``inputs_embeds`` then decode ``max_new_tokens`` tokens (greedy by default).
 
     Rows that produced ``eos_token_id`` keep emitting it; generation stops early once every row
-    has. ``on_token(step, tokens)`` is called after each step (streaming).
+    has, and at the model's ``max_position_embeddings`` (the longest row's). ``on_token(step,
+    tokens)`` is called after each step (streaming).
     """
+    from gammamod.runtime.sampling import check_sampling
+
+    check_sampling(temperature, top_p, top_k, max_new_tokens=max_new_tokens)
     out = forward_language(model, inputs_embeds, routable, routing, skip_ratio, capacity, lengths)
     b = inputs_embeds.shape[0]
     rows = torch.arange(b)
@@ -134,7 +141,12 @@ def generate_from_embeds(model: MoDLlava, inputs_embeds: torch.Tensor, routable:
     tokens, all_logits = [], []
     done = torch.zeros(b, dtype=torch.bool)
     cache = out.cache
-    for i in range(max_new_tokens):
+    # the last token chosen is not fed back: a sequence may reach max_position_embeddings
+    budget = min(max_new_tokens, model.config.max_position_embeddings - int(cache.seen.max()) + 1)
+    if budget < 1:
+        raise GammamodError(f"the prompt has {int(cache.seen.max())} tokens, more than the model's "
+                            f"max_position_embeddings {model.config.max_position_embeddings}")
+    for i in range(budget):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
@@ -144,7 +156,7 @@ def generate_from_embeds(model: MoDLlava, inputs_embeds: torch.Tensor, routable:
             all_logits.append(logits)
         if on_token is not None:
             on_token(i, nxt)
-        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+        if i + 1 == budget or (eos_token_id is not None and bool(done.all())):
             break
         embeds = model.embed(nxt[:, None].to(model.lm_head.weight.device))
         step = Step(routing=routing, kv=cache, past_length=cache.seen.clone(),
@@ -248,10 +260,12 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
     """``gammamod generate``: one question about one image (or none) through the PyTorch model."""
     from gammamod.runtime.image import ImageProcessor, load_image
     from gammamod.runtime.prompt import VICUNA_V1
+    from gammamod.runtime.sampling import check_sampling
     from gammamod.runtime.tokenizer import Tokenizer
 
     from .checkpoint import load_checkpoint
 
+    check_sampling(temperature, top_p, top_k, max_new_tokens=max_new_tokens)
     if model is None:
         model = load_checkpoint(checkpoint, vision_tower=vision_tower, dtype=dtype)
     tokenizer = Tokenizer.from_dir(checkpoint)

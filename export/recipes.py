@@ -132,6 +132,9 @@ class Recipe:
     def capacities(self, span_len: int, skip_ratio: float | None = None,
                    overrides: dict[int, int] | None = None) -> dict[int, int]:
         """Kept count of every MoD layer, with optional per-layer overrides (``--capacity``)."""
+        if skip_ratio is not None and self.kept != "skip-ratio":
+            raise GammamodError(f"a skip ratio applies to gamma-MoD; this {self.name} checkpoint keeps counts from "
+                                "its own layer schedule (use --capacity to override layers)")
         caps = {layer: self.kept_count(layer, span_len, skip_ratio) for layer in self.mod_layers}
         for layer, k in (overrides or {}).items():
             if layer not in caps:

@@ -14,6 +14,7 @@ import numpy as np
 from gammamod.errors import GammamodError
 
 from .pipeline import GenerationResult, GenerationStats, Pipeline, Prepared
+from .sampling import check_sampling
 
 
 class Chat:
@@ -28,8 +29,9 @@ class Chat:
 
     def ask(self, question: str, max_new_tokens: int = 128, stream=None) -> GenerationResult:
         pipe = self.pipeline
-        if not question.strip():
+        if not isinstance(question, str) or not question.strip():
             raise GammamodError("empty question")
+        check_sampling(**self._sampling_checked(), max_new_tokens=max_new_tokens)
         stats = GenerationStats()
         t0 = time.perf_counter()
         if self._last is None:
@@ -42,8 +44,8 @@ class Chat:
             tok = pipe.tokenizer
             pending = [] if self._last.finish_reason == "eos" else self._unfed  # eos is the chunk's first token
             ids = pending + tok.encode(pipe.template.continuation(question), add_bos=False)
-            if self.generator.past_length[0] + len(ids) + max_new_tokens > self.generator.max_seq:
-                raise GammamodError(f"the conversation would exceed the artifact's max_seq {self.generator.max_seq}; "
+            if self.generator.past_length[0] + len(ids) >= self.generator.max_seq:
+                raise GammamodError(f"the conversation has reached the artifact's max_seq {self.generator.max_seq}; "
                                     "start a new chat")
             prepared = Prepared(self.generator.embed(np.asarray([ids])), np.array([len(ids)]), None, [ids])
             t1 = time.perf_counter()
@@ -56,6 +58,10 @@ class Chat:
         self._last = result
         self.turns.append((question, result.text))
         return result
+
+    def _sampling_checked(self) -> dict:
+        s = self._sampling()
+        return {k: s[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "stop")}
 
     def _sampling(self) -> dict:
         s = self.sampling

@@ -45,6 +45,7 @@ class Generator:
         self._bound = None  # the cache buffers as the backend binds them (in-place decode)
         self.past_length = np.zeros(batch_size, dtype=np.int64)
         self.kept: dict[int, np.ndarray] = {}
+        self._started = False
 
     # -- helpers ----------------------------------------------------------------------------------
     def _check_embeds(self, inputs_embeds: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +53,10 @@ class Generator:
         if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.hidden:
             raise GammamodError(f"inputs_embeds of shape {list(x.shape)}: expected [{self.batch_size}, tokens, "
                                 f"{self.hidden}]")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise GammamodError(f"inputs_embeds of dtype {x.dtype}: expected floating point embeddings")
+        if not np.isfinite(x).all():
+            raise GammamodError("inputs_embeds hold NaN or infinite values")
         t = x.shape[1]
         lengths = np.full(self.batch_size, t, np.int64) if lengths is None else np.asarray(lengths, np.int64)
         if lengths.shape != (self.batch_size,) or (lengths < 1).any() or (lengths > t).any():
@@ -59,7 +64,12 @@ class Generator:
         return np.ascontiguousarray(x, dtype=self.dtype), lengths
 
     def embed(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64)
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise GammamodError(f"token ids {token_ids!r}: expected integers") from None
+        if ids.ndim == 0 or ids.size == 0 or ids.shape[0] != self.batch_size:
+            raise GammamodError(f"token ids of shape {list(ids.shape)}: expected one per row ({self.batch_size})")
         if ids.ndim == 1:
             ids = ids[:, None]
         if ids.min() < 0 or ids.max() >= self.embeddings.shape[0]:
@@ -77,6 +87,7 @@ class Generator:
         self.cache.reset()
         self.past_length[:] = 0
         self.kept = {}
+        self._started = True
         if self.span is not None and routable is not None:
             if tuple(routable) != self.span:
                 raise GammamodError(f"routable span {tuple(routable)}: this artifact was exported for {self.span} "
@@ -103,6 +114,8 @@ class Generator:
 
     def extend(self, inputs_embeds, lengths=None) -> np.ndarray:
         """Feed a chunk of tokens (a later turn, or one decode step) after what is cached."""
+        if not self._started:
+            raise GammamodError("decode/extend before prefill: start each sequence with Generator.prefill")
         x, lengths = self._check_embeds(inputs_embeds, lengths)
         if int((self.past_length + lengths).max()) > self.max_seq:
             raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq}")

@@ -18,18 +18,102 @@ DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: refuse before decoding, not after
+
+
 def load_image(path: str | os.PathLike):
-    """Open an image file as RGB, with a one-line error for anything unreadable."""
+    """Open an image file as RGB (see :func:`to_rgb`), with a one-line error for anything
+    unreadable, and without decoding images of more than ``MAX_PIXELS`` pixels."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise GammamodError(f"{path}: {w}x{h} is {w * h} pixels, more than the {MAX_PIXELS} this "
+                                        "runtime decodes (a decompression bomb?); downscale it first")
+                img.load()
+                return to_rgb(img, str(path))
     except FileNotFoundError:
         raise GammamodError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except IsADirectoryError:
+        raise GammamodError(f"{path}: is a directory, expected an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise GammamodError(f"{path}: more than {MAX_PIXELS} pixels (a decompression bomb?); downscale it "
+                            "first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise GammamodError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def to_rgb(img, where: str = "image"):
+    """An 8-bit RGB picture, as LLaVA's ``convert('RGB')`` gives for 8-bit modes (alpha dropped).
+
+    Pillow's own conversion clips the high-bit-depth modes instead of scaling them: a 16-bit
+    grayscale PNG comes out nearly white, a float TIFF black. Those are scaled here: 16-bit
+    integers by 255/65535; 32-bit integers holding 0..255 as is, 0..65535 as 16-bit; floats
+    in [0, 1] by 255 and in [0, 255] as is. Anything else is refused rather than guessed."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("RGB",):
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise GammamodError(f"{where}: a {mode} image holding NaN or infinite values")
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif low < 0:
+            raise GammamodError(f"{where}: a {mode} image with negative values ({low:g}): expected light "
+                                "intensities; convert it to 8-bit RGB first")
+        elif mode == "F" and high <= 1.0:
+            scale = 255.0
+        elif high <= 255.0:
+            scale = 1.0
+        elif mode == "I" and high <= 65535.0:
+            scale = 255.0 / 65535.0
+        else:
+            raise GammamodError(f"{where}: a {mode} image with values up to {high:g}: expected 0..1 or 0..255 "
+                                f"{'' if mode == 'F' else 'or 0..65535 '}; convert it to 8-bit RGB first")
+        gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise GammamodError(f"{where}: cannot convert a {mode} image to RGB ({e})") from None
+
+
+def as_picture(image, where: str = "image"):
+    """What the Python API takes as an image: a path, a PIL image, or an HxWx3 (or HxW) uint8
+    numpy array. Anything else is refused in one line."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise GammamodError(f"{where}: {w}x{h} pixels, more than the {MAX_PIXELS} this runtime takes")
+        if w < 1 or h < 1:
+            raise GammamodError(f"{where}: an empty image ({w}x{h})")
+        return to_rgb(image, where)
+    if isinstance(image, np.ndarray):
+        ok = image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)))
+        if not ok or 0 in image.shape:
+            raise GammamodError(f"{where}: a numpy array of dtype {image.dtype} and shape {list(image.shape)}; "
+                                "expected an HxWx3 (or HxW) uint8 array")
+        if image.shape[0] * image.shape[1] > MAX_PIXELS:
+            raise GammamodError(f"{where}: {image.shape[1]}x{image.shape[0]} pixels, more than the {MAX_PIXELS} "
+                                "this runtime takes")
+        arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+    raise GammamodError(f"{where}: {type(image).__name__} is not an image; expected a path, a PIL image or an "
+                        "HxWx3 uint8 numpy array")
 
 
 def expand_to_square(img, background: tuple[int, int, int]):
@@ -88,7 +172,7 @@ class ImageProcessor:
         """PIL image -> float32 [3, H, W]."""
         from PIL import Image
 
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if self.aspect == "pad":
             img = expand_to_square(img, tuple(int(x * 255) for x in self.mean))
         if self.do_resize:

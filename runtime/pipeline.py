@@ -20,9 +20,9 @@ from gammamod.errors import GammamodError
 from gammamod.manifest import read_manifest
 
 from .generator import Generator
-from .image import ImageProcessor, load_image
+from .image import ImageProcessor, as_picture
 from .prompt import IMAGE_TOKEN_INDEX, Template, tokenize_with_image
-from .sampling import choose
+from .sampling import check_sampling, choose
 from .tokenizer import Tokenizer
 
 BACKENDS = ("ort", "tensorrt")
@@ -154,7 +154,8 @@ class Pipeline:
         if self.image_processor is None or "vision" in self.manifest["absent"]:
             raise GammamodError(f"{self.manifest.root}: this artifact has no vision graph (exported from a "
                                 "checkpoint without vision tower); pass embeddings to a Generator instead")
-        pictures = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+        pictures = [as_picture(im, f"image {i}" if not isinstance(im, (str, os.PathLike)) else str(im))
+                    for i, im in enumerate(images)]
         pixels = self.image_processor.batch(pictures)
         model_dtype = self.manifest["model"]["dtype"]
         if model_dtype == "float16":
@@ -213,8 +214,13 @@ class Pipeline:
         if isinstance(prompts, str):
             prompts = [prompts]
             images = None if images is None else ([images] if not isinstance(images, (list, tuple)) else images)
-        if max_new_tokens < 1:
-            raise GammamodError(f"max_new_tokens {max_new_tokens}: expected at least 1")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise GammamodError("no prompts: give one prompt (a string) or a non-empty list of them")
+        if not all(isinstance(p, str) for p in prompts):
+            raise GammamodError("prompts must be strings")
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise GammamodError("images: expected None or a list with one image per prompt")
+        check_sampling(temperature, top_p, top_k, repetition_penalty, stop, max_new_tokens)
         stats = GenerationStats()
         t0 = time.perf_counter()
         prepared = self.prepare(images, list(prompts))
@@ -240,7 +246,10 @@ class Pipeline:
         done = [None] * b
         texts = [""] * b
         t0 = time.perf_counter()
-        for step in range(max_new_tokens):
+        # every token but the last one chosen is fed back: the sequence may grow to max_seq entries
+        room = int(gen.max_seq - gen.past_length.max())
+        budget = min(max_new_tokens, room + 1)
+        for step in range(budget):
             nxt = choose(logits, temperature, top_k, top_p, repetition_penalty, history, rng)
             for row in range(b):
                 if done[row]:
@@ -261,7 +270,7 @@ class Pipeline:
                 delta = texts[row][before:]
                 if stream is not None and delta:
                     stream(row, delta)
-            if all(done) or step + 1 == max_new_tokens:
+            if all(done) or step + 1 == budget:
                 self.unfed = [int(t) for t in nxt]  # chosen but not yet fed to the model (chat continues from them)
                 break
             logits = gen.decode(nxt)
