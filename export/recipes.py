@@ -22,11 +22,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
-
-import numpy as np
 
 from gammamod.errors import GammamodError
+from gammamod.runtime import capacity
 
 GAMMA_MOD = "gamma-mod"
 P_MOD = "p-mod"
@@ -105,58 +103,69 @@ class Recipe:
 
     def routable_span(self, image_start: int, image_len: int) -> tuple[int, int]:
         """The (start, length) of the routable tokens for a prompt whose image sits at
-        ``[image_start, image_start + image_len)``."""
-        if self.span == "prefix":
-            # gamma-MoD routes the system prompt and the image: everything before the question.
-            return (0, image_start + image_len)
-        return (image_start, image_len)
+        ``[image_start, image_start + image_len)``: gamma-MoD routes the system prompt and the
+        image (everything before the question), p-MoD the image."""
+        from gammamod.runtime.prompt import routable_span
+
+        return routable_span(self.span, [(image_start, image_len)])
 
     def kept_count(self, layer: int, span_len: int, skip_ratio: float | None = None) -> int:
-        """Static capacity: how many of the ``span_len`` routable tokens MoD layer ``layer`` keeps."""
+        """Static capacity: how many of the ``span_len`` routable tokens MoD layer ``layer`` keeps
+        (the closed forms live in ``gammamod.runtime.capacity``, shared with the runtime)."""
         if not self.is_mod_layer(layer):
             return span_len
         if self.kept == "skip-ratio":
-            ratio = self.skip_ratio if skip_ratio is None else skip_ratio
-            if not 0.0 <= ratio < 1.0:
-                raise GammamodError(f"skip ratio {ratio}: expected a number in [0, 1)")
-            # The spec's closed form P - floor(skip * P), with the ratio read as the decimal the
-            # user wrote (0.57 * 100 is 56.99999 in binary floating point). The authors' training
-            # code computes ceil(T * (1 - P*skip/T)), which floating point rounding makes one larger
-            # for about 3% of lengths T; a static capacity cannot depend on T, so we keep the exact form.
-            skipped = math.floor(Fraction(repr(float(ratio))) * span_len)
-            return span_len - skipped
-        # p-MoD: torch.trunc(int32 lengths * python float) evaluates in float32.
-        ratio = self.layer_ratio(layer)
-        return int(np.trunc(np.float32(span_len) * np.float32(ratio)))
+            return capacity.skip_ratio_count(span_len, self.skip_ratio if skip_ratio is None else skip_ratio)
+        return capacity.layer_ratio_count(span_len, self.layer_ratio(layer))
 
     def capacities(self, span_len: int, skip_ratio: float | None = None,
                    overrides: dict[int, int] | None = None) -> dict[int, int]:
-        """Kept count of every MoD layer, with optional per-layer overrides (``--capacity``)."""
+        """Kept count of every MoD layer for a span of ``span_len`` tokens, with optional per-layer
+        absolute counts (the Python API's ``capacity={layer: k}``)."""
         if skip_ratio is not None and self.kept != "skip-ratio":
             raise GammamodError(f"a skip ratio applies to gamma-MoD; this {self.name} checkpoint keeps counts from "
                                 "its own layer schedule (use --capacity to override layers)")
         caps = {layer: self.kept_count(layer, span_len, skip_ratio) for layer in self.mod_layers}
         for layer, k in (overrides or {}).items():
-            if layer not in caps:
+            self._check_layer(layer)
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= span_len:
                 raise GammamodError(
-                    f"capacity for layer {layer}: not a MoD layer of this {self.name} checkpoint "
-                    f"(MoD layers: {list(self.mod_layers)})")
-            if not isinstance(k, int) or not 1 <= k <= span_len:
-                raise GammamodError(
-                    f"capacity for layer {layer}: expected an integer in [1, {span_len}] "
+                    f"capacity for layer {layer}: expected an integer in [0, {span_len}] "
                     f"(the routable span), got {k!r}")
             caps[layer] = k
-        if self.name == P_MOD:
-            # A layer keeping no image token still routes: top-k with k=0 is legal in the
-            # authors' code, but a zero-sized gather is not a static shape worth exporting.
-            for layer, k in caps.items():
-                if k < 1:
-                    raise GammamodError(f"p-MoD layer {layer} keeps {k} of {span_len} image tokens; "
-                                        "expected at least one")
         return caps
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.mod_layers:
+            raise GammamodError(f"capacity for layer {layer}: not a MoD layer of this {self.name} checkpoint "
+                                f"(MoD layers: {list(self.mod_layers)})")
+
+    def capacity_rule(self, skip_ratio=None, overrides: dict | None = None, count_span: int | None = None) -> dict:
+        """The manifest's ``routing.capacity``: this recipe's rule, the skip ratio (gamma-MoD) and
+        per-layer overrides ({layer: {"fraction": "0.3"} | {"count": 100}}), which the runtime
+        evaluates for any span length (``runtime.capacity.CapacityRule``)."""
+        if skip_ratio is not None and self.kept != "skip-ratio":
+            raise GammamodError(f"--skip-ratio applies to gamma-MoD; this {self.name} checkpoint keeps counts from "
+                                "its own layer schedule (use --capacity to override layers)")
+        for layer in overrides or {}:
+            self._check_layer(layer)
+        data = {"rule": self.kept, "mod_layers": list(self.mod_layers),
+                "overrides": {str(k): v for k, v in sorted((overrides or {}).items())},
+                "count_span_length": count_span}
+        if self.kept == "skip-ratio":
+            data["skip_ratio"] = _decimal_text(self.skip_ratio if skip_ratio is None else skip_ratio)
+        else:
+            data["layer_ratios"] = {str(k): v for k, v in self.layer_ratios}
+        capacity.CapacityRule(data)  # validates
+        return data
 
     def as_dense(self) -> "Recipe":
         return replace(self, name=DENSE)
+
+
+def _decimal_text(value) -> str:
+    """A ratio as the decimal text the rule stores ("0.5"), exactly as given."""
+    return value if isinstance(value, str) else repr(float(value))
 
 
 def gamma_mod(mod_layers, skip_ratio: float = GAMMA_DEFAULT_SKIP_RATIO, source: dict | None = None) -> Recipe:

@@ -77,7 +77,49 @@ def test_capacity_overrides_and_their_errors():
     assert recipe.capacities(10, overrides={4: 2}) == {3: 5, 4: 2}
     with pytest.raises(GammamodError, match="layer 7: not a MoD layer"):
         recipe.capacities(10, overrides={7: 2})
-    with pytest.raises(GammamodError, match=r"integer in \[1, 10\]"):
+    with pytest.raises(GammamodError, match=r"integer in \[0, 10\]"):
         recipe.capacities(10, overrides={3: 11})
     with pytest.raises(GammamodError, match="skip ratio"):
         recipe.kept_count(3, 10, skip_ratio=1.5)
+
+
+def test_runtime_rule_equals_the_pytorch_recipes_for_every_span_length():
+    """The runtime computes kept counts from the manifest's rule; they must be what the authors'
+    PyTorch arithmetic gives: p-MoD's torch.trunc(int32 lengths * ratio) in float32, gamma-MoD's
+    P - floor(skip * P) (exact: integer arithmetic on the decimal ratio)."""
+    import torch
+
+    from gammamod.runtime.capacity import CapacityRule
+
+    pmod = vicuna_pmod()
+    rule = CapacityRule(pmod.capacity_rule())
+    lengths = torch.arange(1, 4097, dtype=torch.int32)
+    want = {layer: torch.trunc(lengths * pmod.layer_ratio(layer)).to(torch.int64).tolist() for layer in pmod.mod_layers}
+    got = [rule.kept_counts(n) for n in range(1, 4097)]
+    for layer in pmod.mod_layers:
+        assert [g[layer] for g in got] == want[layer], layer
+    for skip, (num, den) in ((None, (1, 2)), (0.34, (34, 100)), (0.57, (57, 100))):
+        gamma = rc.gamma_mod([3, 4])
+        rule = CapacityRule(gamma.capacity_rule(skip_ratio=skip))
+        assert [rule.kept_counts(n)[3] for n in range(1, 4097)] == [n - (num * n) // den for n in range(1, 4097)]
+    assert CapacityRule(pmod.capacity_rule()).kept_counts(0) == {layer: 0 for layer in pmod.mod_layers}
+
+
+def test_capacity_overrides_as_fractions_and_counts():
+    from gammamod.runtime.capacity import CapacityRule
+
+    gamma = rc.gamma_mod([3, 4, 5])
+    rule = CapacityRule(gamma.capacity_rule(overrides={3: {"fraction": "0.3"}, 4: {"fraction": "1"}}))
+    # ceil(r * N), exact as written: 0.3 * 10 is 3 (binary floating point says 3.0000000000000004)
+    assert rule.kept_counts(10) == {3: 3, 4: 10, 5: 5}
+    assert rule.kept_counts(7) == {3: 3, 4: 7, 5: 4}  # ceil(2.1) = 3
+    counted = CapacityRule(gamma.capacity_rule(overrides={5: {"count": 40}}, count_span=100))
+    assert counted.kept_counts(100) == {3: 50, 4: 50, 5: 40}
+    with pytest.raises(GammamodError, match="absolute count .*span of 100 tokens; this prompt's span has 90"):
+        counted.kept_counts(90)
+    with pytest.raises(GammamodError, match="need count_span_length"):
+        gamma.capacity_rule(overrides={5: {"count": 40}})
+    with pytest.raises(GammamodError, match="capacity fraction 1.5"):
+        CapacityRule(gamma.capacity_rule(overrides={3: {"fraction": "1.5"}})).kept_counts(10)
+    with pytest.raises(GammamodError, match="--skip-ratio applies to gamma-MoD"):
+        vicuna_pmod().capacity_rule(skip_ratio=0.3)
