@@ -59,9 +59,23 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return values
 
 
-def _static_values(graph: onnx.GraphProto, inputs_static: bool = False) -> set[str]:
-    """Names whose values are known without running the graph's data path (constants, shapes)."""
-    static = {init.name for init in graph.initializer}
+def shape_tensor_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Graph inputs TensorRT takes as shape tensors: INT32/INT64, 0-D or 1-D of a fixed size (at most
+    64 values): their values are given per optimization profile, so what they decide is static."""
+    out = set()
+    for i in graph.input:
+        t = i.type.tensor_type
+        dims = list(t.shape.dim)
+        if t.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64) and len(dims) <= 1 and \
+                all(d.HasField("dim_value") and d.dim_value <= 64 for d in dims):
+            out.add(i.name)
+    return out
+
+
+def _static_values(graph: onnx.GraphProto, inputs_static: bool = False, outer: set[str] = frozenset()) -> set[str]:
+    """Names whose values are known without running the graph's data path (constants, shapes,
+    shape-tensor inputs, and values computed from them)."""
+    static = {init.name for init in graph.initializer} | set(outer) | shape_tensor_inputs(graph)
     if inputs_static:
         static |= {i.name for i in graph.input}
     for node in graph.node:
@@ -79,6 +93,8 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
         name = f"{where} [{node.op_type} '{node.name}']" if node is not None else where
         out.append(Finding(severity, name, message))
 
+    functions = {(f.domain, f.name): f for f in model.functions}
+
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
     if opset is None or opset > tgt.max_opset:
         report("error", None, f"opset {opset} is above TensorRT {tgt.name}'s maximum ({tgt.max_opset})")
@@ -86,16 +102,24 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
         report("error", None, f"IR version {model.ir_version} is above what TensorRT {tgt.name}'s parser reads "
                               f"({tgt.max_ir_version}); 'gammamod export --for-tensorrt {tgt.name}' writes a copy it reads")
     graph = model.graph
-    functions = {(f.domain, f.name): f for f in model.functions}
-    consts = _constant_values(graph)
-    static = _static_values(graph)
     for t in list(graph.input) + list(graph.output):
         elem = t.type.tensor_type.elem_type
         if elem and elem not in SUPPORTED_TYPES:
             kind = "warning" if elem == onnx.TensorProto.DOUBLE else "error"
             report(kind, None, f"tensor {t.name!r} has type {onnx.TensorProto.DataType.Name(elem)}, which TensorRT "
                                f"{'casts down to FLOAT' if kind == 'warning' else 'does not support'}")
+    _lint_nodes(graph, tgt, functions, report, frozenset())
+    return out
+
+
+def _lint_nodes(graph: onnx.GraphProto, tgt: Target, functions: dict, report, outer: frozenset) -> None:
+    """Lint a graph's nodes, and the branches of its If nodes (which see the outer static values)."""
+    consts = _constant_values(graph)
+    static = _static_values(graph, outer=outer)
     for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _lint_nodes(a.g, tgt, functions, report, frozenset(static))
         custom = node.domain not in DEFAULT_DOMAINS
         if custom:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -105,6 +129,10 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
             elif "plugin_namespace" not in attrs:
                 report("warning", node, f"custom op {node.domain}::{node.op_type} has no plugin_namespace; "
                                         "TensorRT takes the namespace from the domain")
+            for idx in attrs.get("tensorrt_plugin_shape_input_indices", []):
+                if idx < len(node.input) and node.input[idx] and node.input[idx] not in static:
+                    report("error", node, f"input {idx} ({node.input[idx]!r}) is a plugin shape input but is computed "
+                                          "from data: a data-dependent shape")
             if (node.domain, node.op_type) in functions:
                 if tgt.function_shadows_plugin:
                     report("error", node, f"the model carries a function body for {node.op_type}: TensorRT "
@@ -129,14 +157,16 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
                 k = int(numpy_helper.to_array(consts[k_name]).reshape(-1)[0])
                 if k >= TOPK_MAX_K:
                     report("error", node, f"TopK K={k}: TensorRT needs K < {TOPK_MAX_K}")
+            elif k_name in static:
+                report("warning", node, f"TopK K comes from shape inputs: TensorRT needs it below {TOPK_MAX_K} "
+                                        "in every optimization profile")
             else:
-                report("error", node, "TopK K is not a constant: the kept count must be static "
-                                      f"(and below {TOPK_MAX_K} for TensorRT)")
+                report("error", node, "TopK K is computed from data: the kept count must be static "
+                                      f"(a constant or from shape inputs, and below {TOPK_MAX_K} for TensorRT)")
         for idx in SHAPE_INPUTS.get(node.op_type, ()):
             if idx < len(node.input) and node.input[idx] and node.input[idx] not in static:
                 report("error", node, f"input {idx} ({node.input[idx]!r}) decides an output shape and is computed "
                                       "from data: a data-dependent shape")
-    return out
 
 
 def lint_model_file(path: str | os.PathLike, version: str) -> list[Finding]:
@@ -161,7 +191,7 @@ def lint_artifact(root: str | os.PathLike, version: str) -> tuple[list[Finding],
     copies = (manifest.get("tensorrt") or {}).get("targets", {}).get(version)
     findings: list[Finding] = []
     if copies:
-        files = [copies[k] for k in ("vision", "prefill", "decode") if k in copies]
+        files = [copies[k] for k in ("vision", "decoder") if k in copies]
     else:
         files = [g["file"] for k, g in manifest["graphs"].items() if g.get("backend") != "ort"]
         findings.append(Finding("warning", str(manifest.root), f"no copy prepared for TensorRT {version}: checking the "

@@ -26,14 +26,16 @@ from gammamod.manifest import SCHEMA, SCHEMA_VERSION, Manifest, describe_files, 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
 from .fusion import fuse_projections, fused_tensor
-from .graphs import DecodeGraph, FusedDecodeGraph, PrefillGraph, VisionGraph, rope_tables
+from .graphs import DecoderGraph, VisionGraph, rope_tables
 from .onnx_graph import WeightsFile, bind_weights, io_spec, prepare_graph, to_proto
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-MAX_TOPK = 3840  # TensorRT's TopK limit: K must stay below it
+DECODER_GRAPHS = ("decoder", "decoder_ort", "decode_ort")
+GRAPH_FILES = {"vision": "vision.onnx", "decoder": "decoder.onnx", "decoder_ort": "decoder.ort.onnx",
+               "decode_ort": "decode.ort.onnx"}
 
 
 @dataclass
@@ -41,25 +43,17 @@ class ExportOptions:
     routing: str = "static"  # static | dense
     dtype: str = "fp32"
     skip_ratio: float | None = None
-    capacity: dict[int, int] | None = None
-    routable: tuple[int, int] | None = None
-    image_tokens: int | None = None
-    image_start: int | None = None
+    # per-layer overrides {layer: {"fraction": "0.3"} | {"count": 100}} (read_capacity_file), and the
+    # span length absolute counts hold for
+    capacity: dict[int, dict] | None = None
+    capacity_span: int | None = None
+    span_lengths: list[int] | None = None  # the routed span lengths to support (TensorRT profiles)
     max_batch: int = 8
     max_seq: int | None = None
     vision_tower: str | None = None
     force: bool = False
     tensorrt: list[str] = field(default_factory=list)
-    ort_fused: bool = True  # also write decode.ort.onnx (ONNX Runtime's fused attention, KV in place)
-
-
-@dataclass
-class Layout:
-    """Where the image and the routable tokens sit in a prompt."""
-
-    image_start: int | None
-    image_tokens: int | None
-    routable: tuple[int, int] | None
+    ort_fused: bool = True  # also write decoder.ort.onnx and decode.ort.onnx (ONNX Runtime's fused attention)
 
 
 class _Stages:
@@ -74,23 +68,54 @@ class _Stages:
         return self.progress.stage(name, total)
 
 
-def read_capacity_file(path: str | Path) -> dict[int, int]:
-    """``--capacity FILE``: a JSON object {MoD layer index: kept count}."""
+def read_capacity_file(path: str | Path) -> tuple[dict[int, dict], int | None]:
+    """``--capacity FILE``: a JSON object {"<MoD layer>": value}, where a decimal number in (0, 1] is
+    a fraction of the routed span (k = ceil(r * N), exact in decimal) and an integer an absolute
+    kept count, valid for the one span length the file names under "span_length". Calibration's
+    file (``gammamod calib capacity``) keeps that map under "capacity". Returns the overrides
+    ({layer: {"fraction": "0.3"} | {"count": 100}}) and that span length."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_float=str)  # decimals kept as the user wrote them
     except FileNotFoundError:
         raise GammamodError(f"{path}: no such capacity file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GammamodError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise GammamodError(f"{path}: expected a JSON object mapping MoD layer index to kept count")
+        raise GammamodError(f"{path}: expected a JSON object mapping MoD layer index to a kept fraction or count")
+    span = data.pop("span_length", None)
+    if "capacity" in data:  # calibration's report: the map sits under "capacity"
+        data = data["capacity"]
+        if not isinstance(data, dict):
+            raise GammamodError(f"{path}: 'capacity' must map MoD layer index to a kept fraction")
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        raise GammamodError(f"{path}: span_length {span!r}: expected a positive integer")
     out = {}
     for k, v in data.items():
-        if not str(k).isdigit() or not isinstance(v, int) or isinstance(v, bool):
-            raise GammamodError(f"{path}: entry {k!r}: {v!r}: expected \"<layer index>\": <integer kept count>")
-        out[int(k)] = v
-    return out
+        if not str(k).isdigit():
+            raise GammamodError(f"{path}: key {k!r}: expected a MoD layer index (or span_length)")
+        if isinstance(v, str):  # a decimal number
+            from fractions import Fraction
+
+            try:
+                r = Fraction(v)
+            except (ValueError, ZeroDivisionError):
+                raise GammamodError(f"{path}: layer {k}: {v!r}: expected a fraction of the span in (0, 1] or an "
+                                    "integer count") from None
+            if not 0 < r <= 1:
+                raise GammamodError(f"{path}: layer {k}: fraction {v} is not in (0, 1]")
+            out[int(k)] = {"fraction": v}
+        elif isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            if span is None:
+                raise GammamodError(f"{path}: layer {k}: an absolute count ({v}) holds for one span length; name it "
+                                    "with \"span_length\": N, or give a fraction of the span (e.g. 0.5)")
+            if v > span:
+                raise GammamodError(f"{path}: layer {k}: count {v} is larger than the span ({span})")
+            out[int(k)] = {"count": v}
+        else:
+            raise GammamodError(f"{path}: layer {k}: {v!r}: expected a fraction of the span in (0, 1] or an integer "
+                                "count")
+    return out, (span if any("count" in o for o in out.values()) else None)
 
 
 def _tokenizer(ckpt: Checkpoint):
@@ -102,21 +127,15 @@ def _tokenizer(ckpt: Checkpoint):
     return Tokenizer.from_dir(d)
 
 
-def prompt_layout(ckpt: Checkpoint, tokenizer, opts: ExportOptions) -> Layout:
-    """The image's place in the vicuna_v1 prompt and the recipe's routable span, unless overridden."""
-    from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, VICUNA_V1, tokenize_with_image
+def default_span_length(ckpt: Checkpoint, tokenizer) -> int | None:
+    """The routed span of the default prompt (the vicuna_v1 template, one image): p-MoD's image
+    tokens, gamma-MoD's system prompt and image. None without tokenizer or vision tower."""
+    from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, VICUNA_V1, routable_span, tokenize_with_image
 
-    image_tokens = opts.image_tokens
-    if image_tokens is None and ckpt.vision is not None and ckpt.vision.has_tower:
-        image_tokens = ckpt.vision.image_tokens
-    image_start = opts.image_start
-    if image_start is None and tokenizer is not None:
-        ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
-        image_start = ids.index(IMAGE_TOKEN_INDEX)
-    routable = opts.routable
-    if routable is None and image_start is not None and image_tokens is not None:
-        routable = ckpt.recipe.routable_span(image_start, image_tokens)
-    return Layout(image_start, image_tokens, routable)
+    if tokenizer is None or ckpt.vision is None or not ckpt.vision.has_tower:
+        return None
+    ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
+    return routable_span(ckpt.recipe.span, [(ids.index(IMAGE_TOKEN_INDEX), ckpt.vision.image_tokens)])[1]
 
 
 def _quiet():
@@ -131,13 +150,14 @@ def _quiet():
 def _trace(module, args, dynamic_shapes, input_names, output_names):
     import logging
 
-    from . import ortops
+    from . import gates, ortops
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with _quiet():
         program = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False,
                                     custom_translation_table={**ops.translation_table(),
-                                                              **ortops.translation_table()},
+                                                              **ortops.translation_table(),
+                                                              **gates.translation_table()},
                                     dynamic_shapes=dynamic_shapes, input_names=input_names,
                                     output_names=output_names)
     return program.model
@@ -151,52 +171,90 @@ def _trace_vision(model, ckpt: Checkpoint, opts: ExportOptions):
                   ({0: images},), ["pixel_values"], ["image_features"])
 
 
-def _trace_prefill(model, ckpt: Checkpoint, opts: ExportOptions, span, capacity: dict[int, int], max_seq: int):
-    cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
-    batch = Dim("batch", min=1, max=opts.max_batch)
-    prefill = PrefillGraph(model, opts.routing, span, capacity)
-    min_seq = max(2, span[0] + span[1] + 1) if span else 2  # the question follows the span
-    example_len = min(max_seq, min_seq + 3)
-    return _trace(
-        prefill, (torch.zeros(2, example_len, cfg.hidden_size, dtype=dtype, device="meta"),
-                  torch.zeros(2, dtype=torch.long, device="meta")),
-        ({0: batch, 1: Dim("seq", min=min_seq, max=max_seq)}, {0: batch}),
-        ["inputs_embeds", "seq_lengths"], prefill.output_names())
+def _trace_decoder(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int, kv: str = "portable",
+                   decode_step: bool = False):
+    """decoder.onnx (``kv="portable"``), decoder.ort.onnx (``kv="ort"``) or decode.ort.onnx
+    (``decode_step``). The span length and kept counts are traced as the sizes of placeholder
+    inputs, then become INT32 shape-tensor inputs (:func:`shape_inputs_from_sizes`); gamma-MoD's
+    gated layers become If nodes (:func:`gates.wrap_gates`)."""
+    from .gates import wrap_gates
 
-
-def _trace_decode(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int):
     cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
+    graph = DecoderGraph(model, opts.routing, list(ckpt.recipe.mod_layers) if ckpt.recipe.is_mod else [], kv=kv,
+                         max_seq=max_seq, decode_step=decode_step)
     batch = Dim("batch", min=1, max=opts.max_batch)
-    decode = DecodeGraph(model, opts.routing)
     lengths = torch.zeros(2, dtype=torch.long, device="meta")
-    cache_args, cache_dims = [], []
+    t = 1 if decode_step else 60  # example sizes: distinct, so no two symbols are taken for one
+    args = [torch.zeros(2, t, cfg.hidden_size, dtype=dtype, device="meta"), lengths, lengths.clone()]
+    dims: list = [{0: batch} if decode_step else {0: batch, 1: Dim("chunk", min=1, max=max_seq)}, {0: batch},
+                  {0: batch}]
+    sizes = []
+    if graph.routed:
+        args += [lengths.clone(), torch.zeros(50, device="meta")]
+        dims += [{0: batch}, {0: Dim("span", min=0, max=max_seq)}]
+        sizes.append("span_length")
+        for i, layer in enumerate(graph.mod_layers):  # kept widths T - N + k: 60 - 50 + (2 + i)
+            args.append(torch.zeros(12 + i, device="meta"))
+            dims.append({0: Dim(f"kept_{layer}", min=1, max=max_seq)})
+            sizes.append(f"capacity.{layer}")
+    capacity = Dim("kv_capacity", min=2, max=max_seq) if kv == "ort" else None
+    cache = []
     for i in range(cfg.num_layers):
-        cap = Dim(f"cache_{i}", min=1, max=max_seq)  # each layer its own cache length
-        kv = torch.zeros(2, cfg.num_kv_heads, 3, cfg.head_dim, dtype=dtype, device="meta")
-        cache_args += [kv, kv.clone(), lengths.clone()]
-        cache_dims += [{0: batch, 2: cap}, {0: batch, 2: cap}, {0: batch}]
-    return _trace(
-        decode, (torch.zeros(2, 2, cfg.hidden_size, dtype=dtype, device="meta"), lengths, lengths.clone(),
-                 *cache_args),
-        ({0: batch, 1: Dim("chunk", min=1, max=max_seq)}, {0: batch}, {0: batch}, tuple(cache_dims)),
-        decode.input_names(), decode.output_names())
+        entries = 64 if kv == "ort" else 3
+        c = capacity if kv == "ort" else Dim(f"cache_{i}", min=0, max=max_seq)  # each layer its own length
+        keys = torch.zeros(2, cfg.num_kv_heads, entries, cfg.head_dim, dtype=dtype, device="meta")
+        args += [keys, keys.clone(), lengths.clone()]
+        cache += [{0: batch, 2: c}, {0: batch, 2: c}, {0: batch}]
+    # forward(inputs_embeds, seq_lengths, past_length, *rest): the shapes follow that structure
+    traced = _trace(graph, tuple(args), (*dims[:3], tuple(dims[3:]) + tuple(cache)), graph.input_names(),
+                    graph.output_names())
+    shape_inputs_from_sizes(traced, sizes)
+    wrap_gates(traced)
+    return traced
 
 
-def _trace_fused_decode(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int):
-    """decode.ort.onnx: one token per row (static), the cache buffers whole (one capacity)."""
-    cfg, dtype, Dim = ckpt.config, next(model.parameters()).dtype, torch.export.Dim
-    batch = Dim("batch", min=1, max=opts.max_batch)
-    capacity = Dim("kv_capacity", min=2, max=max_seq)
-    graph = FusedDecodeGraph(model, opts.routing, max_seq)
-    lengths = torch.zeros(2, dtype=torch.long, device="meta")
-    cache_args, cache_dims = [], []
-    for _ in range(cfg.num_layers):
-        kv = torch.zeros(2, cfg.num_kv_heads, 4, cfg.head_dim, dtype=dtype, device="meta")
-        cache_args += [kv, kv.clone(), lengths.clone()]
-        cache_dims += [{0: batch, 2: capacity}, {0: batch, 2: capacity}, {0: batch}]
-    return _trace(
-        graph, (torch.zeros(2, 1, cfg.hidden_size, dtype=dtype, device="meta"), lengths, lengths.clone(), *cache_args),
-        ({0: batch}, {0: batch}, {0: batch}, tuple(cache_dims)), graph.input_names(), graph.output_names())
+def shape_inputs_from_sizes(model, names: list[str]) -> None:
+    """Each named graph input was traced as a placeholder whose size carries the value (for
+    ``capacity.<l>``: the layer's kept width T - N + k); the graph reads it only through ``Shape``.
+    Replace it with an INT32 [1] input holding the value (a TensorRT shape tensor; INT32 as
+    TensorRT 10.3's profiles and trtexec take them) and the Shape nodes with what they stood for,
+    computed from the inputs."""
+    import onnx_ir as ir
+
+    graph = model.graph
+
+    def whole_shape(node) -> bool:
+        start, end = node.attributes.get("start"), node.attributes.get("end")
+        return (node.op_type == "Shape" and node.graph is graph and (start is None or start.as_int() == 0)
+                and (end is None or end.as_int() >= 1))
+
+    inputs = {v.name: v for v in graph.inputs}
+    new_nodes, values = [], {}
+    for name in names:
+        new = ir.Value(name=name, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT32))
+        cast = ir.node("Cast", [new], {"to": ir.DataType.INT64}, name=f"{name}_value")
+        new_nodes.append(cast)
+        values[name] = (new, cast.outputs[0])
+    if any(n.startswith("capacity.") for n in names):
+        chunk = ir.node("Shape", [inputs["inputs_embeds"]], {"start": 1, "end": 2}, name="chunk_length")
+        removed = ir.node("Sub", [chunk.outputs[0], values["span_length"][1]], name="chunk_minus_span")
+        new_nodes += [chunk, removed]
+        for name in names:
+            if name.startswith("capacity."):
+                width = ir.node("Add", [removed.outputs[0], values[name][1]], name=f"{name}_width")
+                new_nodes.append(width)
+                values[name] = (values[name][0], width.outputs[0])
+    graph.insert_before(next(iter(graph)), new_nodes)
+    for name in names:
+        old = inputs[name]
+        users = [use.node for use in old.uses()]
+        if not users or not all(whole_shape(node) for node in users):
+            raise RuntimeError(f"{name}: the traced graph must read the placeholder only through Shape")
+        for node in users:
+            node.outputs[0].replace_all_uses_with(values[name][1])
+            graph.remove(node, safe=True)
+        old.name = f"{name}.placeholder"
+        graph.inputs[graph.inputs.index(old)] = values[name][0]
 
 
 class _Forked:
@@ -258,32 +316,28 @@ class _Forked:
             self.proc.join()
 
 
-def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, layout: Layout, capacity: dict[int, int],
-                 max_seq: int, stages):
-    """Trace vision (when present), prefill and decode on the meta device and prepare them
-    (``onnx_graph.prepare_graph``) -> ({kind: ir.Model}, {kind: weight specs})."""
-    span = layout.routable if opts.routing == "static" and ckpt.recipe.is_mod else None
-    stages("tracing prefill and decode graphs")()
+def trace_graphs(model, ckpt: Checkpoint, opts: ExportOptions, max_seq: int, stages):
+    """Trace vision (when present) and the decoder graphs on the meta device and prepare them
+    (``onnx_graph.prepare_graph``) -> ({kind: ir.Model}, {kind: weight specs}). The ORT decoder
+    variants trace in forked processes while this one traces the rest."""
+    stages("tracing the decoder graphs")()
     children: list[_Forked] = []
     try:
-        decode = _Forked(lambda: _trace_decode(model, ckpt, opts, max_seq))
-        children.append(decode)
-        fused = _Forked(lambda: _trace_fused_decode(model, ckpt, opts, max_seq)) if _wants_fused(opts) else None
-        children.append(fused)
+        if _wants_fused(opts):
+            children.append(_Forked(lambda: _trace_decoder(model, ckpt, opts, max_seq, kv="ort")))
+            children.append(_Forked(lambda: _trace_decoder(model, ckpt, opts, max_seq, kv="ort", decode_step=True)))
         graphs, specs = {}, {}
         if ckpt.vision is not None and ckpt.vision.has_tower:
             graphs["vision"] = _trace_vision(model, ckpt, opts)
             specs["vision"] = prepare_graph(graphs["vision"], prefix="model.")
-        graphs["prefill"] = _trace_prefill(model, ckpt, opts, span, capacity, max_seq)
-        specs["prefill"] = prepare_graph(graphs["prefill"], prefix="model.")
-        graphs["decode"], specs["decode"] = decode.result()
-        if fused is not None:
-            graphs["decode_ort"], specs["decode_ort"] = fused.result()
+        graphs["decoder"] = _trace_decoder(model, ckpt, opts, max_seq)
+        specs["decoder"] = prepare_graph(graphs["decoder"], prefix="model.")
+        for kind, child in zip(("decoder_ort", "decode_ort"), children):
+            graphs[kind], specs[kind] = child.result()
         return graphs, specs
     finally:
         for child in children:
-            if child is not None:
-                child.stop()
+            child.stop()
 
 
 def _wants_fused(opts: ExportOptions) -> bool:
@@ -358,30 +412,29 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     if opts.max_batch < 1:
         raise GammamodError(f"--max-batch {opts.max_batch}: expected at least 1")
     tokenizer = _tokenizer(ckpt)
-    layout = prompt_layout(ckpt, tokenizer, opts)
-    capacity: dict[int, int] = {}
     routing = opts.routing
+    rule, span_lengths = None, []
     if routing == "static" and ckpt.recipe.is_mod:
-        if layout.routable is None:
-            raise GammamodError(f"{ckpt.info.path}: cannot derive the routable span (no tokenizer or no vision tower); "
-                                "pass --routable START:LEN, or --image-start and --image-tokens")
-        start, length = layout.routable
-        if start + length >= max_seq:
-            raise GammamodError(f"--routable {start}:{length} ends at {start + length}, beyond --max-seq {max_seq}")
-        capacity = ckpt.recipe.capacities(length, opts.skip_ratio, opts.capacity)
-        big = {layer: k for layer, k in capacity.items() if k >= MAX_TOPK}
-        if big:
-            raise GammamodError(f"capacities {big} reach TensorRT's TopK limit ({MAX_TOPK}); "
-                                "lower them with --capacity or --skip-ratio")
-    elif opts.capacity or opts.skip_ratio is not None:
-        raise GammamodError("--capacity and --skip-ratio apply to static routing of a MoD checkpoint")
+        rule = ckpt.recipe.capacity_rule(opts.skip_ratio, opts.capacity, opts.capacity_span)
+        span_lengths = sorted(set(opts.span_lengths or [])) or [n for n in [default_span_length(ckpt, tokenizer)] if n]
+        if opts.capacity_span is not None:
+            if opts.span_lengths and span_lengths != [opts.capacity_span]:
+                raise GammamodError(f"--capacity gives absolute counts for a span of {opts.capacity_span} tokens; "
+                                    f"--span-lengths {span_lengths} asks for others (give fractions of the span instead)")
+            span_lengths = [opts.capacity_span]
+        for n in span_lengths:
+            if not 1 <= n < max_seq:
+                raise GammamodError(f"span length {n}: expected 1 to {max_seq - 1} (below --max-seq, with room for the "
+                                    "question)")
+    elif opts.capacity or opts.skip_ratio is not None or opts.span_lengths:
+        raise GammamodError("--capacity, --skip-ratio and --span-lengths apply to static routing of a MoD checkpoint")
 
     with OutputDir(out, force=opts.force, inputs=[checkpoint, opts.vision_tower], is_ours=is_artifact,
                    what="artifact directory") as partial:
         model = ckpt.skeleton(dtype, "meta")
         fused = fuse_projections(model)
-        graphs, specs = trace_graphs(model, ckpt, opts, layout, capacity, max_seq, stages)
-        decoder_specs = _merge_specs(*(specs[k] for k in ("prefill", "decode", "decode_ort") if k in specs))
+        graphs, specs = trace_graphs(model, ckpt, opts, max_seq, stages)
+        decoder_specs = _merge_specs(*(specs[k] for k in DECODER_GRAPHS if k in specs))
         placements = {"decoder.weights": write_weights(ckpt, decoder_specs, partial / "decoder.weights", dtype, stages,
                                                        fused, rope_tables(cfg, max_seq, dtype))}
         if "vision" in graphs:
@@ -395,13 +448,13 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
             weights = "vision.weights" if kind == "vision" else "decoder.weights"
             bind_weights(g, partial / weights, placements[weights])
             proto = to_proto(g, doc=f"gammamod {kind} graph ({ckpt.recipe.name}, {routing} routing)")
-            name = "decode.ort.onnx" if kind == "decode_ort" else f"{kind}.onnx"
+            name = GRAPH_FILES[kind]
             onnx.save(proto, str(partial / name))
             graph_entries[kind] = {"file": name, "weights": [weights], **io_spec(proto),
                                    "initializers": sorted(s.name for s in specs[kind])}
-            if kind == "decode_ort":
+            if kind in ("decoder_ort", "decode_ort"):
                 graph_entries[kind].update(
-                    backend="ort", tokens=1, kv="in-place",
+                    backend="ort", tokens=1 if kind == "decode_ort" else "any", kv="in-place",
                     note="ONNX Runtime contrib ops (GroupQueryAttention, RotaryEmbedding); bind present_key.l/"
                          "present_value.l to the past_key.l/past_value.l buffers (whole, max_seq long)")
         weight_tables = {file: {s.name: [*placements[file][s.name], _np_dtype_name(s.dtype), list(s.shape)]
@@ -414,7 +467,8 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
         copied = [f for f in TOKENIZER_FILES if (ckpt.info.path / f).is_file()]
         for f in copied:
             shutil.copy(ckpt.info.path / f, partial / f)
-        data = _manifest_data(ckpt, opts, routing, layout, capacity, dtype, max_seq, graph_entries, tokenizer, copied)
+        data = _manifest_data(ckpt, opts, routing, rule, span_lengths, dtype, max_seq, graph_entries, tokenizer,
+                              copied)
         data["weights"] = weight_tables
         manifest = Manifest(data, partial)
         if opts.tensorrt:
@@ -428,7 +482,7 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     return manifest
 
 
-def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, layout: Layout, capacity: dict,
+def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: dict | None, span_lengths: list[int],
                    dtype: torch.dtype, max_seq: int, graphs: dict, tokenizer, tokenizer_files: list[str]) -> dict:
     import onnx
     import onnxscript
@@ -437,13 +491,9 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, layout: 
     from gammamod.runtime.prompt import IMAGE_TOKEN, VICUNA_V1
 
     cfg, recipe = ckpt.config, ckpt.recipe
-    span = list(layout.routable) if layout.routable else None
-    entries = []
-    for i in range(cfg.num_layers):
-        if i in capacity:
-            entries.append({"layer": i, "prefill": f"seq_len - {span[1] - capacity[i]}"})
-        else:
-            entries.append({"layer": i, "prefill": "seq_len"})
+    routed = rule is not None
+    entries = [{"layer": i, "prefill": f"seq_len - (span_length - capacity.{i})" if routed and i in recipe.mod_layers
+                else "seq_len"} for i in range(cfg.num_layers)]
     absent = []
     if "vision" not in graphs:
         absent.append("vision")
@@ -463,11 +513,9 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, layout: 
                    "router_input": recipe.router_input, "score_norm": str(recipe.score_norm) if recipe.score_norm else None,
                    "span": recipe.span, "kept": recipe.kept, "positions": recipe.positions,
                    "weighting": recipe.weighting, "decode": recipe.decode, "decode_gate": recipe.decode_gate,
-                   "skip_ratio": opts.skip_ratio if opts.skip_ratio is not None else recipe.skip_ratio,
                    "layer_ratios": {str(k): v for k, v in recipe.layer_ratios}},
-        "routing": {"mode": routing if recipe.is_mod else "dense", "routable_span": span,
-                    "capacities": {str(k): v for k, v in sorted(capacity.items())},
-                    "image_start": layout.image_start, "image_tokens": layout.image_tokens},
+        "routing": {"mode": "static" if routed else "dense", "span": recipe.span if routed else None,
+                    "capacity": rule, "span_lengths": span_lengths},
         "model": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
                   "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
                   "intermediate_size": cfg.intermediate_size, "dtype": DTYPE_NAMES[dtype],

@@ -44,29 +44,42 @@ def _check_call(model: MoDLlava, inputs_embeds: torch.Tensor, routable, routing:
     if routing == "reference" and b != 1:
         raise GammamodError("routing 'reference' reproduces the authors' released inference, which runs batch "
                             "size 1 only; use routing 'static' for batches")
-    if routable is not None:
-        start, length = routable
-        if not (0 <= start and 0 < length and start + length <= t):
-            raise GammamodError(f"routable span {routable}: expected (start, length) inside the {t} tokens")
     if lengths is not None:
         lengths = torch.as_tensor(lengths, dtype=torch.long)
         if lengths.shape != (b,) or bool((lengths > t).any()) or bool((lengths < 1).any()):
             raise GammamodError(f"lengths {lengths.tolist()}: expected {b} row lengths in [1, {t}]")
-        if routable is not None and bool((lengths < routable[0] + routable[1]).any()):
-            raise GammamodError(f"lengths {lengths.tolist()}: every row must hold the whole routable span {routable}")
-        return lengths
-    return torch.full((b,), t, dtype=torch.long)
+    else:
+        lengths = torch.full((b,), t, dtype=torch.long)
+    spans = row_spans(routable, b)
+    if spans is not None:
+        starts, n = spans
+        if bool((starts < 0).any()) or n < 0 or bool((starts + n > lengths).any()):
+            raise GammamodError(f"routable span {routable}: expected (start, length) inside each row's "
+                                f"{lengths.tolist()} tokens")
+    return lengths, spans
 
 
-def capacities(model: MoDLlava, routable, routing: str, skip_ratio=None, capacity=None) -> dict[int, int]:
+def row_spans(routable, batch: int) -> tuple[torch.Tensor, int] | None:
+    """``routable``: (start, length) for every row, or one pair per row with one length ->
+    (starts [B], length) or None."""
+    if routable is None:
+        return None
+    pairs = [routable] * batch if len(routable) == 2 and all(isinstance(x, int) for x in routable) else list(routable)
+    if len(pairs) != batch or len({int(n) for _, n in pairs}) != 1:
+        raise GammamodError(f"routable {routable!r}: expected (start, length), or one pair per row ({batch}) with one "
+                            "length")
+    return torch.tensor([int(s) for s, _ in pairs], dtype=torch.long), int(pairs[0][1])
+
+
+def capacities(model: MoDLlava, span_length: int | None, routing: str, skip_ratio=None, capacity=None) -> dict[int, int]:
     if skip_ratio is not None and model.recipe.kept != "skip-ratio":
         raise GammamodError(f"skip ratio {skip_ratio}: applies to gamma-MoD; this {model.recipe.name} checkpoint keeps "
                             "counts from its own layer schedule")
-    if routable is None or routing == "dense" or not model.recipe.is_mod:
+    if span_length is None or routing == "dense" or not model.recipe.is_mod:
         return {}
     if routing == "reference" and model.recipe.kept == "skip-ratio":
         return {}  # gamma-MoD's released inference thresholds instead of counting
-    return model.recipe.capacities(routable[1], skip_ratio, capacity)
+    return model.recipe.capacities(span_length, skip_ratio, capacity)
 
 
 @torch.no_grad()
@@ -77,21 +90,23 @@ def forward_language(model: MoDLlava, inputs_embeds: torch.Tensor, routable: tup
     """Run the decoder over ``inputs_embeds`` [B, T, hidden].
 
     ``routable`` is the (start, length) of the routable tokens (gamma-MoD: system prompt and
-    image; p-MoD: image). ``static`` keeps a fixed count per MoD layer (from ``skip_ratio`` for
+    image; p-MoD: image), or one such pair per row (each row its own start, one length). ``static`` keeps a fixed count per MoD layer (from ``skip_ratio`` for
     gamma-MoD, default 0.5, or the p-MoD schedule; ``capacity`` overrides layers); ``reference``
     is the authors' inference (gamma-MoD thresholds at r > 0.005 and ignores ``routable``);
     ``dense`` ignores the routers. ``lengths`` gives each row's real length when rows are
     right-padded. Pass the returned ``cache`` back to continue (then ``routable`` is None).
     """
-    lengths = _check_call(model, inputs_embeds, routable, routing, lengths)
+    lengths, spans = _check_call(model, inputs_embeds, routable, routing, lengths)
     b = inputs_embeds.shape[0]
     if cache is None:
         cache = model.new_cache(b, capacity=max(64, inputs_embeds.shape[1]))
     elif cache.batch != b:
         raise GammamodError(f"cache holds {cache.batch} rows, inputs_embeds {b}")
-    caps = capacities(model, routable, routing, skip_ratio, capacity)
-    step = Step(routing=routing, kv=cache, past_length=cache.seen.clone(), valid=lengths.to(cache.seen.device),
-                span=tuple(routable) if routable is not None else None, capacity=caps)
+    caps = capacities(model, spans[1] if spans else None, routing, skip_ratio, capacity)
+    device = cache.seen.device
+    step = Step(routing=routing, kv=cache, past_length=cache.seen.clone(), valid=lengths.to(device),
+                span_start=spans[0].to(device) if spans else None, span_length=spans[1] if spans else 0,
+                capacity=caps)
     hidden = model.forward_chunk(inputs_embeds.to(model.dtype), step)
     cache.seen += step.valid
     logits = model.lm_head(hidden).float()
@@ -178,8 +193,8 @@ class PromptBatch:
     inputs_embeds: torch.Tensor  # [B, T, hidden], rows right-padded
     lengths: torch.Tensor  # [B]
     input_ids: list[list[int]]  # with IMAGE_TOKEN_INDEX where the image features go
-    image_span: tuple[int, int] | None  # (start, image tokens), identical for every row
-    routable: tuple[int, int] | None  # the recipe's routable span
+    image_spans: list[tuple[int, int]] | None  # per row (start, image tokens)
+    routable: list[tuple[int, int]] | None  # per row the recipe's routed span (start, length)
 
 
 def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values=None) -> PromptBatch:
@@ -205,7 +220,7 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
             raise GammamodError(f"pixel_values of shape {list(pixels.shape)}: expected [{len(prompts)}, 3, H, W]")
         with torch.no_grad():
             features = model.encode_images(pixels)
-    rows, span = [], None
+    rows, image_spans = [], []
     for b, row in enumerate(ids):
         if features is None:
             rows.append(model.embed(torch.tensor(row)))
@@ -214,18 +229,14 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
         before = model.embed(torch.tensor(row[:at], dtype=torch.long))
         after = model.embed(torch.tensor(row[at + 1:], dtype=torch.long))
         rows.append(torch.cat([before, features[b].to(before.dtype), after]))
-        this = (at, features.shape[1])
-        if span is not None and this != span:
-            raise GammamodError("prompts of one batch must place the image at the same position "
-                                f"(row 0 at {span[0]}, row {b} at {at}); use one template")
-        span = this
+        image_spans.append((at, features.shape[1]))
     lengths = torch.tensor([r.shape[0] for r in rows])
     width = int(lengths.max())
     embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype)
     for b, r in enumerate(rows):
         embeds[b, :r.shape[0]] = r.detach()
-    routable = model.recipe.routable_span(*span) if span is not None else None
-    return PromptBatch(embeds, lengths, ids, span, routable)
+    routable = [model.recipe.routable_span(*s) for s in image_spans] if image_spans else None
+    return PromptBatch(embeds, lengths, ids, image_spans or None, routable)
 
 
 def routing_summary(model: MoDLlava, seq_len: int, kept: dict[int, torch.Tensor], routing: str) -> tuple[str, float]:

@@ -1,20 +1,29 @@
-"""The modules ``torch.onnx.export`` traces: vision, prefill, decode.
+"""The modules ``torch.onnx.export`` traces: vision and the decoder.
 
-The decoder is exported as two graphs that share one weights file:
+The decoder is ONE network for every chunk: a chunk of T >= 1 tokens after a per-layer cache of any
+length (prefill: an empty cache; decode: T = 1; a later chat turn: a longer chunk). Inputs:
 
-* ``prefill``: ``inputs_embeds`` [B, T, H] and ``seq_lengths`` [B] (rows right-padded) ->
-  ``logits`` [B, V] at each row's last token, and per layer the keys/values it cached
-  (``present_key.l`` [B, Hkv, N_l, d]; N_l = T for dense layers, T - span + k_l for MoD
-  layers; row b holds ``seq_lengths[b] - (T - N_l)`` real entries), and ``kept_indices.l`` for
-  MoD layers. The routable span and
-  the kept counts are constants of the graph: every shape is static given T.
-* ``decode``: a chunk of T >= 1 new tokens (one per step when generating; a later chat turn is
-  a longer chunk) with ``past_length`` [B] and, per layer, the cache buffers
-  ``past_key.l`` / ``past_value.l`` [B, Hkv, C_l, d] and their valid lengths ``kv_length.l``.
-  It returns logits and only the new entries (``present_key.l`` [B, Hkv, T, d]) with
-  ``new_kv_length.l``; the runtime writes them into its buffers in place. The past buffers are
-  only read: attention runs over [past | new] with one softmax across both parts, so no
-  full-cache concatenation or copy happens per step.
+* ``inputs_embeds`` [B, T, H], ``seq_lengths`` [B] (rows right-padded), ``past_length`` [B];
+* routed artifacts: ``span_start`` [B] (each row's routed span), ``span_length`` and, per MoD layer,
+  ``capacity.<l>`` (INT32 [1]: TensorRT shape tensors, so every output shape follows from them;
+  the graph computes nothing from data that decides a shape). ``span_length`` 0 routes nothing;
+* per layer ``past_key.l`` / ``past_value.l`` [B, Hkv, C_l, d] and ``kv_length.l`` [B].
+
+Outputs: ``logits`` [B, V] of each row's last token; per layer ``present_key.l`` /
+``present_value.l`` and ``new_kv_length.l``; per MoD layer ``kept_indices.l`` [B, T - N + k_l].
+
+Three variants share one weights file:
+
+* ``decoder.onnx`` (:class:`DecoderGraph`, ``kv="portable"``): what TensorRT parses. The past
+  buffers are only read; attention runs over [past | new] with one softmax across both parts and
+  the graph emits only the new entries (``present_key.l`` [B, Hkv, T_l, d]), which the runtime
+  writes into its cache.
+* ``decoder.ort.onnx`` (``kv="ort"``): ONNX Runtime's, with the same inputs and outputs except the
+  KV cache: the buffers are bound whole as both past and present and GroupQueryAttention appends
+  in place (RoPE applied before it at the layer's own positions). Prefill gets ORT's fused causal
+  attention: no [T, T] mask tensor.
+* ``decode.ort.onnx`` (``decode_step=True``): one token per row and no span (no routing ops), for
+  ONNX Runtime's decode loop.
 """
 
 from __future__ import annotations
@@ -56,20 +65,9 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def causal_attention(q, k, v) -> torch.Tensor:
-    """Causal attention over the new tokens alone (prefill): q [B,H,T,d], k/v [B,Hkv,T,d]."""
-    b, h, t, d = q.shape
-    qg = _grouped(q * d ** -0.5, k.shape[1])
-    scores = _f32(qg @ _kv(k, qg).transpose(-1, -2))  # [B, Hkv, (G,) T, T]
-    pos = torch.arange(t, device=q.device)
-    scores = _masked(scores, pos[None, :] > pos[:, None])
-    probs = _as(torch.softmax(scores, dim=-1), q.dtype)
-    return _ungroup(probs @ _kv(v, qg), b, h, t, d)
-
-
 def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
-    """Attention over a layer's cache (the first ``past_len[b]`` of its C slots) and the new
-    tokens (causally), with one softmax across both parts. The cache is only read."""
+    """Attention over a layer's cache (the first ``past_len[b]`` of its C slots, C may be 0) and
+    the new tokens (causally), with one softmax across both parts. The cache is only read."""
     b, h, t, d = q.shape
     qg = _grouped(q * d ** -0.5, k.shape[1])
     past = _f32(qg @ _kv(past_k, qg).transpose(-1, -2))  # [B, Hkv, (G,) T, C]
@@ -86,26 +84,82 @@ def cached_attention(q, k, v, past_k, past_v, past_len) -> torch.Tensor:
 
 
 class GraphKV(KVStore):
-    """KV handling inside an exported graph: reads past buffers, emits only the new entries."""
+    """KV handling in ``decoder.onnx``: reads the past buffers, emits only the new entries."""
 
-    def __init__(self, zeros: torch.Tensor, past: list[tuple] | None = None):
-        self.zeros = zeros  # [B] int64
+    def __init__(self, cfg, past: list[tuple]):
+        self.cfg = cfg
         self.past = past
         self.present: dict[int, tuple] = {}
 
     def length(self, layer: int) -> torch.Tensor:
-        return self.zeros if self.past is None else self.past[layer][2]
+        return self.past[layer][2]
 
     def attend(self, layer: int, q, k, v, count):
-        if self.past is None:
-            attn = causal_attention(q, k, v)
-            length = count
-        else:
-            past_k, past_v, past_len = self.past[layer]
-            attn = cached_attention(q, k, v, past_k, past_v, past_len)
-            length = past_len + count
-        self.present[layer] = (k, v, length)
+        attn, (keys, values) = self.compute(layer, q, k, v, count)
+        self.present[layer] = (keys, values, self.past[layer][2] + count)
         return attn
+
+    def compute(self, layer: int, q, k, v, count):
+        """Side-effect free (an If branch may call it): attention output and the new entries."""
+        past_k, past_v, past_len = self.past[layer]
+        return cached_attention(q, k, v, past_k, past_v, past_len), (k, v)
+
+    def branch_skipped(self, layer, xs):
+        """What a skipped gamma-MoD layer emits as its new entries: zeros (and no count)."""
+        shape = (xs.shape[0], self.cfg.num_kv_heads, xs.shape[1], self.cfg.head_dim)
+        return xs.new_zeros(shape), xs.new_zeros(shape)
+
+
+class OrtGraphKV(KVStore):
+    """KV handling in the ONNX Runtime graphs: GroupQueryAttention appends into the whole buffers,
+    which the runtime binds as both past and present (so the present outputs are the past inputs'
+    memory). ``rotary_inside``: one token per row, packed QKV and RoPE inside GQA; otherwise RoPE
+    runs first (RotaryEmbedding at the layer's positions) and GQA takes the chunk."""
+
+    fused = True
+
+    def __init__(self, past: list[tuple], cos: torch.Tensor, sin: torch.Tensor, rotary_inside: bool):
+        self.past, self.cos, self.sin, self.rotary_inside = past, cos, sin, rotary_inside
+        self.present: dict[int, tuple] = {}
+
+    def length(self, layer: int) -> torch.Tensor:
+        return self.past[layer][2]
+
+    def attend_fused(self, layer: int, attn, x, positions, count):
+        out, (present_k, present_v) = self.compute_fused(layer, attn, x, positions, count)
+        self.present[layer] = (present_k, present_v, self.past[layer][2] + count)
+        return out
+
+    def compute_fused(self, layer: int, attn, x, positions, count):
+        """Side-effect free (an If branch may call it): attention output and the whole buffers."""
+        from . import ortops
+
+        cfg = attn.cfg
+        qkv = attn.qkv_proj(x) if hasattr(attn, "qkv_proj") else torch.cat(
+            [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        past_k, past_v, past_len = self.past[layer]
+        total = past_len + count
+        seqlens = (total - 1).to(torch.int32)  # the row's last entry after the append
+        # the batch's longest row after the append (not the buffer's length: the CPU kernel sizes
+        # its work by this bound, and a 4096-entry bound costs a 619-token prompt 6x)
+        bound = total.max().to(torch.int32)
+        if self.rotary_inside:
+            out, present_k, present_v = ortops.ort_group_query_attention(
+                qkv, None, None, past_k, past_v, seqlens, bound, count.to(torch.int32), self.cos, self.sin,
+                positions, cfg.num_heads, cfg.num_kv_heads)
+        else:
+            q, k, v = qkv.split([cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2, dim=-1)
+            q = ortops.ort_rotary_embedding(q, positions, self.cos, self.sin, cfg.num_heads)
+            k = ortops.ort_rotary_embedding(k, positions, self.cos, self.sin, cfg.num_kv_heads)
+            out, present_k, present_v = ortops.ort_group_query_attention(
+                q, k, v, past_k, past_v, seqlens, bound, count.to(torch.int32), None, None, None, cfg.num_heads,
+                cfg.num_kv_heads)
+        return out, (present_k, present_v)
+
+    def branch_skipped(self, layer, xs):
+        """What a skipped gamma-MoD layer leaves: the buffers as they were."""
+        past_k, past_v, _ = self.past[layer]
+        return past_k, past_v
 
 
 def _last_logits(model: MoDLlava, hidden: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
@@ -115,42 +169,36 @@ def _last_logits(model: MoDLlava, hidden: torch.Tensor, seq_lengths: torch.Tenso
     return _f32(model.lm_head(last))
 
 
-class PrefillGraph(nn.Module):
-    def __init__(self, model: MoDLlava, routing: str, span: tuple[int, int] | None, capacity: dict[int, int]):
+class DecoderGraph(nn.Module):
+    """The decoder for one chunk (see the module docstring). ``routed``: the artifact routes (it
+    takes ``span_start``, ``span_length`` and ``capacity.<l>``); ``kv``: "portable" or "ort";
+    ``decode_step``: the ORT decode-step variant (one token, no span)."""
+
+    def __init__(self, model: MoDLlava, routing: str, mod_layers: list[int], kv: str = "portable",
+                 max_seq: int = 0, decode_step: bool = False):
         super().__init__()
         self.model = model
         self.routing = routing
-        self.span = span
-        self.capacity = dict(capacity)
-        self.mod_layers = sorted(capacity) if routing == "static" else []
+        self.mod_layers = list(mod_layers) if routing == "static" and not decode_step else []
+        self.kv = kv
+        self.decode_step = decode_step
+        if kv == "ort":
+            cfg = model.config
+            dtype = next(model.parameters()).dtype
+            device = next(model.parameters()).device
+            # RoPE tables, as the weights writer fills them (rope_tables): buffers, so the graph
+            # takes them as initializers
+            self.register_buffer("rope_cos", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
+            self.register_buffer("rope_sin", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
 
-    def output_names(self) -> list[str]:
-        names = ["logits"]
-        for i in range(self.model.config.num_layers):
-            names += [f"present_key.{i}", f"present_value.{i}"]
-        return names + [f"kept_indices.{i}" for i in self.mod_layers]
-
-    def forward(self, inputs_embeds, seq_lengths):
-        zeros = torch.zeros_like(seq_lengths)
-        kv = GraphKV(zeros)
-        step = Step(routing=self.routing, kv=kv, past_length=zeros, valid=seq_lengths, span=self.span,
-                    capacity=self.capacity)
-        hidden = self.model.forward_chunk(inputs_embeds, step)
-        outs = [_last_logits(self.model, hidden, seq_lengths)]
-        for i in range(self.model.config.num_layers):
-            outs += list(kv.present[i][:2])  # entries per row follow from the capacities (manifest)
-        outs += [step.kept[i] for i in self.mod_layers]
-        return tuple(outs)
-
-
-class DecodeGraph(nn.Module):
-    def __init__(self, model: MoDLlava, routing: str):
-        super().__init__()
-        self.model = model
-        self.routing = routing
+    @property
+    def routed(self) -> bool:
+        return bool(self.mod_layers)
 
     def input_names(self) -> list[str]:
         names = ["inputs_embeds", "seq_lengths", "past_length"]
+        if self.routed:
+            names += ["span_start", "span_length"] + [f"capacity.{i}" for i in self.mod_layers]
         for i in range(self.model.config.num_layers):
             names += [f"past_key.{i}", f"past_value.{i}", f"kv_length.{i}"]
         return names
@@ -159,20 +207,36 @@ class DecodeGraph(nn.Module):
         names = ["logits"]
         for i in range(self.model.config.num_layers):
             names += [f"present_key.{i}", f"present_value.{i}", f"new_kv_length.{i}"]
-        return names
+        return names + [f"kept_indices.{i}" for i in self.mod_layers]
 
-    def _store(self, seq_lengths, past) -> KVStore:
-        return GraphKV(torch.zeros_like(seq_lengths), past)
-
-    def forward(self, inputs_embeds, seq_lengths, past_length, *cache):
-        layers = self.model.config.num_layers
-        past = [(cache[3 * i], cache[3 * i + 1], cache[3 * i + 2]) for i in range(layers)]
-        kv = self._store(seq_lengths, past)
-        step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths)
+    def forward(self, inputs_embeds, seq_lengths, past_length, *rest):
+        cfg = self.model.config
+        span_start, span_length, capacity = None, 0, {}
+        if self.routed:
+            # span_length and capacity.<l> are traced as tensors whose SIZE is the value (symbolic
+            # sizes, so output shapes follow from them); the exporter then turns them into INT32
+            # shape-tensor inputs holding the value (export/exporter.py: shape_inputs_from_sizes)
+            span_start, span, *widths = rest[:2 + len(self.mod_layers)]
+            rest = rest[2 + len(self.mod_layers):]
+            span_length = span.shape[0]
+            # each MoD layer's kept WIDTH T - N + k is traced as one symbol (every shape after the
+            # selection is then an atom, which keeps tracing fast); k is derived from it here and,
+            # in the graph, the width from the capacity.<l> input (shape_inputs_from_sizes)
+            t = inputs_embeds.shape[1]
+            capacity = {layer: w.shape[0] - t + span_length for layer, w in zip(self.mod_layers, widths)}
+        past = [(rest[3 * i], rest[3 * i + 1], rest[3 * i + 2]) for i in range(cfg.num_layers)]
+        if self.kv == "ort":
+            kv = OrtGraphKV(past, self.rope_cos, self.rope_sin, rotary_inside=self.decode_step)
+        else:
+            kv = GraphKV(cfg, past)
+        step = Step(routing=self.routing, kv=kv, past_length=past_length, valid=seq_lengths,
+                    span_start=span_start, span_length=span_length, capacity=capacity)
+        step.inverse_frequencies(cfg, inputs_embeds.device)  # once, outside any If branch
         hidden = self.model.forward_chunk(inputs_embeds, step)
         outs = [_last_logits(self.model, hidden, seq_lengths)]
-        for i in range(layers):
+        for i in range(cfg.num_layers):
             outs += list(kv.present[i])
+        outs += [step.kept[i] for i in self.mod_layers]
         return tuple(outs)
 
 
@@ -185,56 +249,6 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values):
         return self.model.encode_images(pixel_values)
-
-
-class FusedGraphKV(KVStore):
-    """Attention through ONNX Runtime's GroupQueryAttention, appending in place: the past buffers
-    come back as the present outputs (the runtime binds both to the same memory)."""
-
-    fused = True
-
-    def __init__(self, zeros: torch.Tensor, past: list[tuple], cos: torch.Tensor, sin: torch.Tensor):
-        self.zeros, self.past, self.cos, self.sin = zeros, past, cos, sin
-        self.present: dict[int, tuple] = {}
-
-    def length(self, layer: int) -> torch.Tensor:
-        return self.past[layer][2]
-
-    def attend_fused(self, layer: int, attn, x, positions, count):
-        from . import ortops
-
-        cfg = attn.cfg
-        if hasattr(attn, "qkv_proj"):
-            qkv = attn.qkv_proj(x)
-        else:
-            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-        past_k, past_v, past_len = self.past[layer]
-        t = x.shape[1]
-        seqlens = (past_len + (t - 1)).to(torch.int32)  # the last entry's index after the append
-        total = (past_len.max() + t).to(torch.int32)
-        out, present_k, present_v = ortops.ort_group_query_attention(
-            qkv, past_k, past_v, seqlens, total, self.cos, self.sin, positions, cfg.num_heads, cfg.num_kv_heads)
-        self.present[layer] = (present_k, present_v, past_len + count)
-        return out
-
-
-class FusedDecodeGraph(DecodeGraph):
-    """The decode graph for ONNX Runtime on CPU: one token per row, attention and RoPE as its fused
-    contrib ops, the KV cache updated in place. Inputs and outputs as :class:`DecodeGraph`, except
-    that ``present_key.l``/``present_value.l`` are the whole buffers (bound to the past ones)."""
-
-    def __init__(self, model: MoDLlava, routing: str, max_seq: int):
-        super().__init__(model, routing)
-        cfg = model.config
-        dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-        # RoPE tables, as the weights writer fills them (rope_tables): registered as buffers so the
-        # graph takes them as initializers
-        self.register_buffer("rope_cos", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
-        self.register_buffer("rope_sin", torch.empty(max_seq, cfg.head_dim // 2, dtype=dtype, device=device))
-
-    def _store(self, seq_lengths, past) -> KVStore:
-        return FusedGraphKV(torch.zeros_like(seq_lengths), past, self.rope_cos, self.rope_sin)
 
 
 def rope_tables(cfg, max_seq: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

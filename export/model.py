@@ -189,30 +189,41 @@ class ScalarRouter(nn.Module):
 class Step:
     """What one forward call over a chunk of tokens needs to know, shared by all layers.
 
-    ``span`` is the routable span (start, length) inside this chunk, or None when the chunk
-    holds no routable token (decode steps, later text turns). ``valid`` is the number of real
-    (non-padding) tokens per row; padding sits at the end of a row.
+    The routed span is per row: ``span_start[b]`` and a length ``span_length`` (N) shared by the
+    batch; N = 0 (or ``span_start`` None) means the chunk holds no routable token (decode steps,
+    later turns, text-only prompts). ``capacity`` is each MoD layer's kept count k. When exporting,
+    N and k are symbolic sizes and the graph routes every chunk the same way. ``valid`` is the
+    number of real (non-padding) tokens per row; padding sits at the end of a row.
     """
 
     routing: str
     kv: "KVStore"
     past_length: torch.Tensor  # [B] tokens every dense layer has seen before this chunk
     valid: torch.Tensor  # [B]
-    span: tuple[int, int] | None = None
+    span_start: torch.Tensor | None = None  # [B]
+    span_length: int = 0
     capacity: dict[int, int] = field(default_factory=dict)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # out: kept indices per MoD layer
     _tables: dict = field(default_factory=dict)  # RoPE tables shared by the layers of this chunk
+
+    @property
+    def routed(self) -> bool:
+        """Whether this chunk routes (eager): a non-empty span."""
+        return self.span_start is not None and not (isinstance(self.span_length, int) and self.span_length == 0)
 
     def rope(self, cfg: DecoderConfig, positions: torch.Tensor, dtype, key: str | None = None):
         """(cos, sin) for ``positions``; layers sharing positions (``key``) share the tables."""
         if key is not None and key in self._tables:
             return self._tables[key]
-        if "inv_freq" not in self._tables:
-            self._tables["inv_freq"] = inverse_frequencies(cfg, positions.device)
-        tables = rotary(positions, self._tables["inv_freq"], dtype)
+        tables = rotary(positions, self.inverse_frequencies(cfg, positions.device), dtype)
         if key is not None:
             self._tables[key] = tables
         return tables
+
+    def inverse_frequencies(self, cfg: DecoderConfig, device) -> torch.Tensor:
+        if "inv_freq" not in self._tables:
+            self._tables["inv_freq"] = inverse_frequencies(cfg, device)
+        return self._tables["inv_freq"]
 
     def sequence_positions(self, t: int, device) -> torch.Tensor:
         """Absolute positions [B, T] of this chunk's tokens (dense layers, p-MoD layers)."""
@@ -319,17 +330,28 @@ class DecoderLayer(nn.Module):
         return self.recipe.is_mod_layer(self.layer_idx)
 
     # -- the two halves of a Llama layer -------------------------------------------------------
-    def block(self, x, positions, step: Step, count, shared: str | None = None):
+    def block(self, x, positions, step: Step, count, shared: str | None = None, record: bool = True):
         """``h = x + attn(norm(x))`` and ``m = mlp(norm(h))``: the caller combines them.
-        ``shared`` names positions other layers of the chunk use too (their RoPE is computed once)."""
-        if step.kv.fused:
-            attn = step.kv.attend_fused(self.layer_idx, self.self_attn, self.input_layernorm(x), positions, count)
+        ``shared`` names positions other layers of the chunk use too (their RoPE is computed once).
+        ``record=False`` (an exported If branch, which must be free of side effects): the KV store
+        records nothing and the layer's new cache tensors come back as a third value."""
+        kv, present = step.kv, None
+        if kv.fused:
+            args = (self.layer_idx, self.self_attn, self.input_layernorm(x), positions, count)
+            attn = kv.attend_fused(*args) if record else None
+            if not record:
+                attn, present = kv.compute_fused(*args)
             h = x + self.self_attn.o_proj(attn)
         else:
             rope = step.rope(self.self_attn.cfg, positions, x.dtype, shared)
             q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
-            h = x + self.self_attn.out(step.kv.attend(self.layer_idx, q, k, v, count))
-        return h, self.mlp(self.post_attention_layernorm(h))
+            if record:
+                attn = kv.attend(self.layer_idx, q, k, v, count)
+            else:
+                attn, present = kv.compute(self.layer_idx, q, k, v, count)
+            h = x + self.self_attn.out(attn)
+        m = self.mlp(self.post_attention_layernorm(h))
+        return (h, m) if record else (h, m, present)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Raw router output per token [B, T]: gamma-MoD's probability r, p-MoD's logit."""
@@ -343,30 +365,71 @@ class DecoderLayer(nn.Module):
         if not self.is_mod or step.routing == "dense":
             h, m = self.block(x, step.sequence_positions(t, x.device), step, step.valid, shared="sequence")
             return h + m
+        if torch.compiler.is_exporting():
+            # the decoder graph routes every chunk (an empty span keeps every token); the ORT
+            # decode-step graph has no span inputs and takes the no-span rule directly
+            return self._continue(x, step) if step.span_start is None else self._routed(x, step)
         if step.routing == "reference" and self.recipe.router == "shared-binary" and t > 1:
             return self._gamma_threshold(x, step)  # the authors threshold every multi-token chunk
-        if step.span is not None:
+        if step.routed:
             if step.routing == "reference":
                 return self._pmod_reference(x, step)
-            return self._static_prefill(x, step)
+            return self._routed(x, step)
         return self._continue(x, step)
 
-    def _static_prefill(self, x, step: Step):
-        """Fixed capacity over a fixed routable span: the semantics the ONNX export traces."""
-        recipe, (start, length) = self.recipe, step.span
+    def _routed(self, x, step: Step):
+        """Fixed capacity over each row's routed span: the semantics the ONNX export traces. With
+        an empty span every token is kept, which is :meth:`_continue`'s rule (gamma-MoD's decode
+        gate included), so one graph serves prefill, decode and later turns."""
+        recipe, n = self.recipe, step.span_length
+        b, t, _ = x.shape
         k = step.capacity[self.layer_idx]
-        weight = R.routing_weights(recipe, self.scores(x), start, length)  # [B, T]
-        kept = R.select_kept(weight, start, length, k)  # [B, K] sorted
+        start = step.span_start if step.span_start is not None else torch.zeros(b, dtype=torch.long, device=x.device)
+        score = self.scores(x)
+        weight = R.routing_weights(recipe, score, start, n)  # [B, T]
+        kept = R.select_kept(weight, start, n, k)  # [B, K] sorted
         step.kept[self.layer_idx] = kept
         xs = R.gather_tokens(x, kept)
         if recipe.positions == "renumbered":
             positions = self._own_positions(step, kept.shape[1], x.device)
         else:
             positions = step.past_length[:, None] + kept
-        count = step.valid - (length - k)  # padding rows end after the span
-        h, m = self.block(xs, positions, step, count)
+        count = step.valid - (n - k)  # padding rows end after the span
         mlp_scale, skip_scale = R.output_weights(recipe, weight, kept)
-        return R.scatter_tokens(x, kept, h + mlp_scale * m, skip_scale)
+        if recipe.decode == "gate":
+            # gamma-MoD's decode gate: a single token with no span runs the layer only when r >= 0.5
+            gated = (torch.scalar_tensor(n, device=x.device) == 0) & (torch.scalar_tensor(t, device=x.device) == 1)
+            run = ~gated | (score[:, -1] >= recipe.decode_gate)  # [B]
+            count = torch.where(run, count, torch.zeros_like(count))
+            if torch.compiler.is_exporting():
+                y = self._gated_block(xs, positions, step, count, mlp_scale, run)
+            else:
+                h, m = self.block(xs, positions, step, count)
+                y = torch.where(run[:, None, None], h + mlp_scale * m, xs)
+        else:
+            h, m = self.block(xs, positions, step, count)
+            y = h + mlp_scale * m
+        return R.scatter_tokens(x, kept, y, skip_scale)
+
+    def _gated_block(self, xs, positions, step: Step, count, mlp_scale, run):
+        """The gated layer as an ONNX ``If`` on "any row runs" (export only): when the gate closes for
+        every row, attention and MLP are not computed and the layer's cache is left as it was.
+        Traced between markers that ``export.gates.wrap_gates`` turns into the If."""
+        from . import gates
+
+        layer, kv, group = self.layer_idx, step.kv, self.layer_idx
+        step.inverse_frequencies(self.self_attn.cfg, xs.device)  # shared, so computed outside the region
+        cond = run.any()
+        xs_in, positions_in, count_in, scale_in, run_in = (gates.gate_enter(t, cond, group)
+                                                           for t in (xs, positions, count, mlp_scale, run))
+        h, m, (keys, values) = self.block(xs_in, positions_in, step, count_in, record=False)
+        y = torch.where(run_in[:, None, None], h + scale_in * m, xs_in)
+        skip_keys, skip_values = kv.branch_skipped(layer, xs)
+        y = gates.gate_exit(y, xs, cond, group)
+        keys = gates.gate_exit(keys, skip_keys, cond, group)
+        values = gates.gate_exit(values, skip_values, cond, group)
+        kv.present[layer] = (keys, values, kv.length(layer) + count)
+        return y
 
     def _gamma_threshold(self, x, step: Step):
         """gamma-MoD's released inference (EvalMoDLLaVALlamaForCausalLM), batch size 1: keep every
@@ -386,7 +449,7 @@ class DecoderLayer(nn.Module):
     def _pmod_reference(self, x, step: Step):
         """p-MoD's ModLayer.forward, batch size 1: boolean masks, top-k over the normalised weights
         of the image tokens, STRing applied in the authors' order."""
-        recipe, (start, length) = self.recipe, step.span
+        recipe, start, length = self.recipe, int(step.span_start[0]), step.span_length
         score = self.scores(x)[0]
         target = torch.zeros_like(score, dtype=torch.bool)
         target[start:start + length] = True
@@ -413,14 +476,15 @@ class DecoderLayer(nn.Module):
         # gamma-MoD: positions continue this layer's own (renumbered) cache. A single decoded token
         # runs the layer only when r >= 0.5, else it passes through and appends nothing; a chunk of
         # several text tokens (a later turn) is always kept, as text after the span is in training.
-        # Written with tensors only, so the exported graph has no data-dependent branch.
         r = self.scores(x)
-        several = torch.ones_like(r).sum(-1) > 1  # [B]
+        several = torch.scalar_tensor(t, device=x.device) > 1
         run = (r[:, -1] >= recipe.decode_gate) | several  # [B]
-        if not torch.compiler.is_exporting() and not bool(run.any()):
-            return x  # eager: no row runs the layer, skip its compute entirely
         count = torch.where(run, step.valid, torch.zeros_like(step.valid))
         positions = self._own_positions(step, t, x.device)
+        if torch.compiler.is_exporting():
+            return self._gated_block(x, positions, step, count, r[..., None], run)
+        if not bool(run.any()):
+            return x  # no row runs the layer: skip its compute entirely
         h, m = self.block(x, positions, step, count)
         return torch.where(run[:, None, None], h + r[..., None] * m, x)
 

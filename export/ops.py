@@ -9,9 +9,13 @@ Each op exists three times, kept in step by the tests:
 * an ONNX function body of standard ops attached to the model, so ONNX Runtime, or any other
   consumer, runs the graph unchanged.
 
-Shapes depend only on input shapes and the attributes, never on data: ``MoDSelect`` turns
-scores [B, T] into the kept indices [B, T - length + k] (the tokens before the span, the top-k of
-the span in sequence order, the tokens after it), with a TopK of constant K.
+Shapes depend only on input shapes and on two integer inputs, never on the scores: ``MoDSelect``
+turns scores [B, T], each row's span start [B], the span length N and the kept count k into the
+kept indices [B, T - N + k], ascending: the row's tokens before its span, the top-k of the span,
+the tokens after it. N and k are 0-d int64 tensors that the graph computes from its INT32
+shape-tensor inputs (``span_length``, ``capacity.<layer>``); for TensorRT they are the plugin's
+shape inputs (node attribute ``tensorrt_plugin_shape_input_indices``), so its output shape is
+an expression of B, T, N and k. N = 0 means no routing: every token is kept.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "gammamod"
 PLUGIN_VERSION = "1"
 NODE_TYPES = ("MoDSelect", "MoDGather", "MoDScatter")
+SHAPE_INPUTS = [2, 3]  # MoDSelect's span_length and capacity: TensorRT shape inputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,25 +35,30 @@ NODE_TYPES = ("MoDSelect", "MoDGather", "MoDScatter")
 
 
 @torch.library.custom_op("gammamod::mod_select", mutates_args=())
-def mod_select(scores: torch.Tensor, start: int, length: int, k: int) -> torch.Tensor:
-    """Kept token indices [B, T - length + k], ascending.
+def mod_select(scores: torch.Tensor, span_start: torch.Tensor, span_length: int, k: int) -> torch.Tensor:
+    """Kept token indices [B, T - span_length + k], ascending, per row: the tokens before the row's
+    span ``[span_start[b], span_start[b] + span_length)``, the k highest-scoring span tokens, the
+    tokens after it.
 
     Equal scores rank the lower index first, as ONNX's TopK specifies (``torch.topk`` leaves the
     order of ties unspecified): a saturated TanhNorm gives many exactly equal weights, and every
     implementation (eager, ONNX function body, TensorRT plugin) must keep the same tokens."""
     b, t = scores.shape
-    device = scores.device
-    top = torch.sort(scores[:, start:start + length], dim=-1, descending=True, stable=True).indices[:, :k]
-    top = torch.sort(top, dim=-1).values + start
-    before = torch.arange(start, device=device).expand(b, start)
-    after = torch.arange(start + length, t, device=device).expand(b, t - start - length)
-    return torch.cat([before, top, after], dim=1)
+    pos = torch.arange(t, device=scores.device)
+    start = span_start[:, None]
+    inside = (pos >= start) & (pos < start + span_length)
+    key = scores.float().masked_fill(~inside, float("-inf"))
+    top = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    top = torch.sort(top, dim=-1).values  # [B, k] absolute positions, ascending
+    j = torch.arange(t - span_length + k, device=scores.device)[None]
+    from_top = torch.gather(torch.cat([top, top.new_zeros(b, 1)], 1), 1, (j - start).clamp(0, k))
+    return torch.where(j < start, j, torch.where(j < start + k, from_top, j + span_length - k))
 
 
 @mod_select.register_fake
-def _(scores, start, length, k):
+def _(scores, span_start, span_length, k):
     b, t = scores.shape
-    return scores.new_empty((b, t - length + k), dtype=torch.int64)
+    return scores.new_empty((b, t - span_length + k), dtype=torch.int64)
 
 
 @torch.library.custom_op("gammamod::mod_gather", mutates_args=())
@@ -90,13 +100,14 @@ def register_onnx_schemas() -> None:
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     plugin = [attr("plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
               attr("plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version")]
+    shape_inputs = attr("tensorrt_plugin_shape_input_indices", defs.OpSchema.AttrType.INTS,
+                        "node inputs TensorRT passes to the plugin as shape inputs (their values)")
     schemas = [
         defs.OpSchema("MoDSelect", DOMAIN, OPSET_VERSION, doc="Kept token indices of a MoD layer.",
-                      inputs=[fp("scores", "T")], outputs=[fp("kept", "tensor(int64)")],
-                      type_constraints=[("T", floats, "")],
-                      attributes=[attr("start", defs.OpSchema.AttrType.INT, "span start"),
-                                  attr("length", defs.OpSchema.AttrType.INT, "span length"),
-                                  attr("k", defs.OpSchema.AttrType.INT, "kept span tokens")] + plugin),
+                      inputs=[fp("scores", "T"), fp("span_start", "tensor(int64)"), fp("span_length", "tensor(int64)"),
+                              fp("capacity", "tensor(int64)")],
+                      outputs=[fp("kept", "tensor(int64)")], type_constraints=[("T", floats, "")],
+                      attributes=plugin + [shape_inputs]),
         defs.OpSchema("MoDGather", DOMAIN, OPSET_VERSION, doc="Gather the kept tokens.",
                       inputs=[fp("x", "T"), fp("kept", "tensor(int64)")], outputs=[fp("y", "T")],
                       type_constraints=[("T", floats, "")], attributes=plugin),
@@ -120,8 +131,10 @@ def translation_table() -> dict:
     gm = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
     plugin = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
 
-    def select(scores, start: int, length: int, k: int):
-        return gm.MoDSelect(scores, start=start, length=length, k=k, **plugin)
+    def select(scores, span_start, span_length, k):
+        # span_length and k arrive as 0-d int64 values computed from the graph's shape inputs
+        return gm.MoDSelect(scores, span_start, span_length, k, tensorrt_plugin_shape_input_indices=SHAPE_INPUTS,
+                            **plugin)
 
     def gather(x, kept):
         return gm.MoDGather(x, kept, **plugin)
@@ -144,24 +157,31 @@ def function_protos(opset: int) -> list:
     gm = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
 
     @onnxscript.script(gm, default_opset=op)
-    def MoDSelect(scores, start: int, length: int, k: int):
+    def MoDSelect(scores, span_start, span_length, capacity):
+        # A per-row span: the scores outside it are masked to -inf, so one TopK over the row picks
+        # the span's top-k (ties: lower index first); a second puts them in sequence order. Output
+        # position j is j before the span, the (j - start)-th kept span token inside, and
+        # j + N - k after it.
         one_d = op.Constant(value_ints=[1])
-        s = op.Constant(value_int=start)
-        e = op.Add(s, op.Constant(value_int=length))
-        span = op.Slice(scores, op.Reshape(s, one_d), op.Reshape(e, one_d), one_d)
-        kk = op.Reshape(op.Constant(value_int=k), one_d)
-        _, top = op.TopK(span, kk, axis=-1, largest=1, sorted=1)
-        ordered, _ = op.TopK(top, kk, axis=-1, largest=0, sorted=1)  # ascending sequence order
-        shape = op.Shape(scores)
-        b = op.Slice(shape, op.Constant(value_ints=[0]), one_d)
-        t = op.Squeeze(op.Slice(shape, one_d, op.Constant(value_ints=[2])))
         zero, step = op.Constant(value_int=0), op.Constant(value_int=1)
-        before = op.Range(zero, s, step)
-        after = op.Range(e, t, step)
-        axis0 = op.Constant(value_ints=[0])
-        before = op.Expand(op.Unsqueeze(before, axis0), op.Concat(b, op.Shape(before), axis=0))
-        after = op.Expand(op.Unsqueeze(after, axis0), op.Concat(b, op.Shape(after), axis=0))
-        return op.Concat(before, op.Add(ordered, s), after, axis=1)
+        t = op.Squeeze(op.Slice(op.Shape(scores), one_d, op.Constant(value_ints=[2])))
+        pos = op.Unsqueeze(op.Range(zero, t, step), op.Constant(value_ints=[0]))  # [1, T]
+        start = op.Unsqueeze(span_start, op.Constant(value_ints=[1]))  # [B, 1]
+        end = op.Add(start, span_length)
+        inside = op.And(op.GreaterOrEqual(pos, start), op.Less(pos, end))
+        low = op.CastLike(op.Constant(value_float=float("-inf")), scores)
+        key = op.Where(inside, scores, low)
+        kk = op.Reshape(capacity, one_d)
+        _, top = op.TopK(key, kk, axis=-1, largest=1, sorted=1)
+        ordered, _ = op.TopK(top, kk, axis=-1, largest=0, sorted=1)  # [B, k] ascending positions
+        padded = op.Concat(ordered, op.Slice(start, op.Constant(value_ints=[0]), one_d, one_d, one_d), axis=1)
+        width = op.Add(op.Sub(t, span_length), capacity)
+        j = op.Unsqueeze(op.Range(zero, width, step), op.Constant(value_ints=[0]))  # [1, K]
+        inner = op.Clip(op.Sub(j, start), zero, capacity)
+        from_top = op.GatherElements(padded, inner, axis=1)
+        after = op.Sub(op.Add(j, span_length), capacity)
+        return op.Where(op.Less(j, start), op.Expand(j, op.Shape(inner)),
+                        op.Where(op.Less(j, op.Add(start, capacity)), from_top, after))
 
     # Rows, not elements: GatherND/ScatterND index [B, K, ...] token rows, where the element-wise
     # GatherElements/ScatterElements would need an int64 index expanded to [B, K, H].
@@ -183,7 +203,8 @@ def function_protos(opset: int) -> list:
     for fn in (MoDSelect, MoDGather, MoDScatter):
         proto = fn.to_function_proto()
         # declared so the node's plugin attributes are valid on the function; the body ignores them
-        proto.attribute.extend(["plugin_namespace", "plugin_version"])
+        proto.attribute.extend(["plugin_namespace", "plugin_version"]
+                               + (["tensorrt_plugin_shape_input_indices"] if fn is MoDSelect else []))
         protos.append(proto)
     return protos
 

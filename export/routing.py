@@ -1,8 +1,8 @@
 """Static-capacity routing: routing weights, top-k selection, gather and weighted scatter.
 
 Selection, gather and scatter run through the MoD custom ops (``ops.py``), so eager PyTorch and
-the exported graph execute the same operations. Every shape depends only on the input shapes and
-the constants (span start, span length, kept count k), never on data.
+the exported graph execute the same operations. Every shape depends only on the input shapes, the
+span length N and the kept count k, never on the scores. Each row has its own span start.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ def _apply_norm(recipe: Recipe, logits: torch.Tensor, dim: int = -1) -> torch.Te
     return act * norm.scale + norm.bias
 
 
-def routing_weights(recipe: Recipe, score: torch.Tensor, start: int, length: int) -> torch.Tensor:
+def span_mask(t: int, start: torch.Tensor, length) -> torch.Tensor:
+    """[B, T]: True on each row's routable span ``[start[b], start[b] + length)``."""
+    pos = torch.arange(t, device=start.device)
+    return (pos >= start[:, None]) & (pos < start[:, None] + length)
+
+
+def routing_weights(recipe: Recipe, score: torch.Tensor, start: torch.Tensor, length) -> torch.Tensor:
     """Per token [B, T]: the weight that ranks routable tokens and scales kept MLPs.
 
     gamma-MoD: the router probability r of every token (text tokens too: their MLP is scaled by
@@ -35,8 +41,7 @@ def routing_weights(recipe: Recipe, score: torch.Tensor, start: int, length: int
     """
     if recipe.score_norm is None:
         return score
-    pos = torch.arange(score.shape[1], device=score.device)
-    inside = (pos >= start) & (pos < start + length)  # [T]: the routable span
+    inside = span_mask(score.shape[1], start, length)
     if recipe.score_norm.kind == "softmax":
         weight = _apply_norm(recipe, score.masked_fill(~inside, float("-inf")))
     else:
@@ -50,9 +55,9 @@ def normalise_masked(recipe: Recipe, logits: torch.Tensor, target: torch.Tensor)
     return _apply_norm(recipe, masked, dim=0)
 
 
-def select_kept(weight: torch.Tensor, start: int, length: int, k: int) -> torch.Tensor:
-    """Indices [B, T - length + k] of the tokens a MoD layer processes, in sequence order: the
-    tokens before the span, the k highest-weighted span tokens, the tokens after the span."""
+def select_kept(weight: torch.Tensor, start: torch.Tensor, length, k) -> torch.Tensor:
+    """Indices [B, T - length + k] of the tokens a MoD layer processes, in sequence order: each
+    row's tokens before its span, the k highest-weighted span tokens, the tokens after the span."""
     return ops.mod_select(weight, start, length, k)
 
 

@@ -82,14 +82,14 @@ def cmd_generate(args) -> int:
 # export, check-onnx
 
 
-def _span(text: str) -> tuple[int, int]:
+def _lengths(text: str) -> list[int]:
     try:
-        start, length = (int(x) for x in text.split(":"))
+        values = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:LEN (two integers), got {text!r}") from None
-    if start < 0 or length < 1:
-        raise argparse.ArgumentTypeError(f"expected START >= 0 and LEN >= 1, got {text!r}")
-    return start, length
+        raise argparse.ArgumentTypeError(f"expected span lengths N[,N...], got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive span lengths, got {text!r}")
+    return values
 
 
 def cmd_export(args) -> int:
@@ -97,17 +97,21 @@ def cmd_export(args) -> int:
 
     from .console import StageProgress, console
 
+    capacity, capacity_span = read_capacity_file(args.capacity) if args.capacity else (None, None)
     opts = ExportOptions(
         routing="dense" if args.dense else "static", dtype=args.dtype, skip_ratio=args.skip_ratio,
-        capacity=read_capacity_file(args.capacity) if args.capacity else None, routable=args.routable,
-        image_tokens=args.image_tokens, image_start=args.image_start, max_batch=args.max_batch,
+        capacity=capacity, capacity_span=capacity_span, span_lengths=args.span_lengths, max_batch=args.max_batch,
         max_seq=args.max_seq, vision_tower=args.vision_tower, force=args.force, tensorrt=args.for_tensorrt or [])
     with StageProgress("export") as progress:
         manifest = export_artifact(args.checkpoint, args.out, opts, progress=progress)
     routing = manifest["routing"]
-    caps = manifest.capacities
-    what = (f"static routing, span {routing['routable_span']}, kept per MoD layer "
-            f"{min(caps.values())}..{max(caps.values())}" if caps else "dense")
+    what = "dense"
+    if manifest.routed:
+        lengths = routing["span_lengths"]
+        counts = manifest.capacity_rule().kept_counts(lengths[0]) if lengths else {}
+        what = (f"static routing: the span and kept counts are inputs; for a {lengths[0]}-token span each MoD layer "
+                f"keeps {min(counts.values())}..{max(counts.values())}" if counts else
+                "static routing: the span and kept counts are inputs")
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
     console.print(f"exported {manifest['recipe']['name']} ({what}, {manifest['model']['dtype']}) to {args.out} "
                   f"({size:.1f} MiB, graphs: {', '.join(manifest['graphs'])})", soft_wrap=True)
@@ -176,9 +180,9 @@ def cmd_run(args) -> int:
         _sys.stdout.write(text)
         _sys.stdout.flush()
 
-    images = [args.image] if args.image is not None else None
+    images = [args.image] if args.image is not None else None  # the prompt may place it with <image>
     results = pipe.generate(images, [args.prompt], max_new_tokens=args.max_new_tokens,
-                            stream=stream if args.stream else None, **_sampling(args))
+                            stream=stream if args.stream else None, system=args.system, **_sampling(args))
     if args.stream:
         _sys.stdout.write("\n")
     else:
@@ -193,7 +197,7 @@ def _chat(pipe, args, console) -> int:
 
     from gammamod.runtime.chat import Chat
 
-    chat = Chat(pipe, image=args.image, **_sampling(args))
+    chat = Chat(pipe, image=args.image, system=args.system, **_sampling(args))
     console.print(f"chat with {args.artifact} ({pipe.backend.describe()}); the image and the KV cache stay between "
                   "turns. An empty line or Ctrl-D ends it.", style="dim", markup=False)
     while True:
@@ -345,17 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", type=Path, default=None,
                    help="local CLIP vision tower directory, when the checkpoint names a hub id")
     p.add_argument("--dense", action="store_true", help="ignore the routers: the dense baseline of this checkpoint")
-    p.add_argument("--routable", type=_span, default=None, metavar="START:LEN",
-                   help="routable span, overriding the one derived from the prompt template and image tokens")
-    p.add_argument("--image-tokens", type=_positive_int, default=None,
-                   help="image tokens per image (default: from the vision tower)")
-    p.add_argument("--image-start", type=int, default=None,
-                   help="tokens before the image in the prompt (default: from the tokenizer and template)")
+    p.add_argument("--span-lengths", type=_lengths, default=None, metavar="N[,N...]",
+                   help="routed span lengths to support: the bounds of TensorRT's profiles (default: the default "
+                        "prompt's, from the tower's image tokens). ONNX Runtime takes any span")
     cap = p.add_mutually_exclusive_group()
     cap.add_argument("--skip-ratio", type=_ratio, default=None, help="gamma-MoD: share of routable tokens each "
                      "MoD layer skips (default 0.5)")
     cap.add_argument("--capacity", type=Path, default=None,
-                     help="JSON file {MoD layer index: kept count} (what calibration writes)")
+                     help="JSON file {\"<MoD layer>\": fraction of the span in (0, 1] (k = ceil(r*N)) or an integer "
+                          "count (valid for the file's \"span_length\")}, or what 'calib capacity' writes")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--max-batch", type=_positive_int, default=8)
     p.add_argument("--max-seq", type=_positive_int, default=None,
@@ -385,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu for ort, cuda:0 for tensorrt)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--system", default=None, help="system prompt in place of the template's (the routed span "
+                   "follows the prompt)")
     p.add_argument("--chat", action="store_true", help="a conversation (default when no --prompt on a terminal)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

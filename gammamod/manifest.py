@@ -4,15 +4,19 @@
 Later stages read only the manifest and the files it names. The schema is versioned and
 checked on read; a bad manifest is a one-line error naming the field.
 
-Top-level fields (schema_version 1):
+Top-level fields (schema_version 2):
 
 * ``recipe``: the routing recipe (name, MoD layers, router, span, positions, weighting, decode).
-* ``routing``: ``mode`` (static | dense), the routable span, per-layer kept counts, image layout.
-* ``model``: decoder geometry and dtype. ``kv_cache``: layout and per-layer prefill entries.
-* ``graphs``: ``prefill``, ``decode`` and (when present) ``vision``, each a file and its inputs
-  and outputs with roles (``inputs_embeds``, ``past_key.3``, ``kv_length.3``, ``logits`` ...);
-  ``decode_ort``, when present, is ONNX Runtime's fused variant of ``decode`` (one token per row,
-  KV appended in place into buffers bound as both past and present).
+* ``routing``: ``mode`` (static | dense); for static routing ``span`` (where a prompt's routed
+  tokens are: ``prefix`` or ``image``), ``capacity`` (the rule the runtime turns into each MoD
+  layer's kept count for any span length: ``runtime.capacity.CapacityRule``) and ``span_lengths``
+  (the lengths to support: the bounds of TensorRT's profiles).
+* ``model``: decoder geometry and dtype. ``kv_cache``: layout, max batch and sequence.
+* ``graphs``: ``decoder`` (the one decoder graph: any chunk after any cache, the routed span and
+  kept counts as inputs), ``vision`` when present, and ONNX Runtime's variants ``decoder_ort``
+  (any chunk, KV appended in place into buffers bound as both past and present) and
+  ``decode_ort`` (one token per row, no span), each a file and its inputs and outputs with roles
+  (``inputs_embeds``, ``span_length``, ``capacity.8``, ``past_key.3``, ``logits`` ...).
 * ``embeddings``: the token embedding table (a .npy file), kept outside the decoder graph.
 * ``tokenizer``, ``prompt``, ``image``: what turns text and pictures into inputs; None when the
   checkpoint has no tokenizer or no vision tower (see ``absent``).
@@ -34,12 +38,15 @@ from pathlib import Path
 from gammamod.errors import GammamodError
 
 SCHEMA = "gammamod-artifact"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MAX_SEQ_LIMIT = 1 << 20  # a bound no real artifact reaches: an edited max_seq must not allocate terabytes
 MANIFEST = "manifest.json"
 
-_ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|logits|pixel_values|image_features|"
-                   r"(past_key|past_value|kv_length|present_key|present_value|new_kv_length|kept_indices)\.\d+)$")
-_GRAPH_KINDS = ("prefill", "decode", "vision", "decode_ort")
+_ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|span_start|span_length|logits|pixel_values|"
+                   r"image_features|(past_key|past_value|kv_length|present_key|present_value|new_kv_length|"
+                   r"kept_indices|capacity)\.\d+)$")
+_GRAPH_KINDS = ("decoder", "vision", "decoder_ort", "decode_ort")
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -83,8 +90,14 @@ class Manifest:
         return int(self.data["model"]["num_layers"])
 
     @property
-    def capacities(self) -> dict[int, int]:
-        return {int(k): int(v) for k, v in (self.data["routing"].get("capacities") or {}).items()}
+    def routed(self) -> bool:
+        return self.data["routing"]["mode"] == "static"
+
+    def capacity_rule(self):
+        """The routing's kept-count rule (None for a dense artifact)."""
+        from gammamod.runtime.capacity import CapacityRule
+
+        return CapacityRule(self.data["routing"]["capacity"]) if self.routed else None
 
     def verify_files(self, names=None) -> None:
         """Check the named files (default: all) against their sha256 and size."""
@@ -135,36 +148,35 @@ def validate(data, where: Path) -> None:
     version = data.get("schema_version")
     _need(isinstance(version, int), where, "'schema_version' must be an integer")
     _need(version == SCHEMA_VERSION, where, f"schema_version {version} is not supported by this gammamod "
-                                            f"(it reads version {SCHEMA_VERSION}); re-export the checkpoint")
+                                            f"(it reads version {SCHEMA_VERSION}"
+                                            f"{': one decoder graph with the routed span as inputs' if version == 1 else ''}"
+                                            "); re-export the checkpoint with 'gammamod export'")
     for key, kind in (("recipe", dict), ("routing", dict), ("model", dict), ("kv_cache", dict),
                       ("graphs", dict), ("embeddings", dict), ("files", dict), ("tools", dict),
                       ("absent", list)):
         _need(isinstance(data.get(key), kind), where, f"'{key}' missing or not a {kind.__name__}")
     model = data["model"]
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
-        _need(isinstance(model.get(key), int) and model[key] > 0, where, f"model.{key} must be a positive integer")
-    _need(model.get("dtype") in ("float32", "float16", "bfloat16"), where, "model.dtype must be float32|float16|bfloat16")
-    routing = data["routing"]
-    _need(routing.get("mode") in ("static", "dense"), where, "routing.mode must be static or dense")
-    caps = routing.get("capacities") or {}
-    _need(isinstance(caps, dict) and all(str(k).isdigit() and isinstance(v, int) and v > 0 for k, v in caps.items()),
-          where, "routing.capacities must map layer indices to positive integers")
-    span = routing.get("routable_span")
-    if routing["mode"] == "static" and caps:
-        _need(isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and x >= 0 for x in span),
-              where, "routing.routable_span must be [start, length]")
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                "max_position_embeddings"):
+        _need(_positive(model.get(key)), where, f"model.{key} must be a positive integer")
+    _need(model.get("dtype") in _DTYPES, where, "model.dtype must be float32|float16|bfloat16")
+    _need(model["num_heads"] % model["num_kv_heads"] == 0, where, "model.num_heads must be a multiple of num_kv_heads")
     kv = data["kv_cache"]
     for key in ("max_batch", "max_seq"):
-        _need(isinstance(kv.get(key), int) and kv[key] > 0, where, f"kv_cache.{key} must be a positive integer")
+        _need(_positive(kv.get(key)), where, f"kv_cache.{key} must be a positive integer")
+    _need(kv["max_seq"] <= min(model["max_position_embeddings"], MAX_SEQ_LIMIT), where,
+          f"kv_cache.max_seq {kv['max_seq']} exceeds the model's max_position_embeddings "
+          f"{model['max_position_embeddings']}")
+    _need(kv.get("dtype", model["dtype"]) == model["dtype"], where, "kv_cache.dtype must equal model.dtype")
     files = data["files"]
     for name, entry in files.items():
-        _need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int),
+        _need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _count(entry.get("bytes")),
               where, f"files[{name!r}] needs sha256 and bytes")
         _need("/" not in name and "\\" not in name and name not in (".", ".."), where,
               f"files[{name!r}]: artifact files live in the artifact directory")
+    _check_routing(data, where)
     graphs = data["graphs"]
-    for kind in ("prefill", "decode"):
-        _need(kind in graphs, where, f"graphs.{kind} missing")
+    _need("decoder" in graphs, where, "graphs.decoder missing (the one decoder graph)")
     for kind, g in graphs.items():
         _need(kind in _GRAPH_KINDS, where, f"graphs.{kind}: unknown graph kind")
         _need(isinstance(g, dict) and g.get("file") in files, where, f"graphs.{kind}.file must name a listed file")
@@ -173,21 +185,130 @@ def validate(data, where: Path) -> None:
             _need(isinstance(io, list) and io, where, f"graphs.{kind}.{side} must be a non-empty list")
             for item in io:
                 _need(isinstance(item, dict) and isinstance(item.get("name"), str)
-                      and isinstance(item.get("role"), str) and _ROLE.match(item["role"]) is not None,
+                      and isinstance(item.get("role"), str) and _ROLE.match(item["role"]) is not None
+                      and isinstance(item.get("shape"), list) and isinstance(item.get("dtype"), str),
                       where, f"graphs.{kind}.{side}: bad entry {item!r}")
         for extra in g.get("weights", []):
             _need(extra in files, where, f"graphs.{kind}.weights names {extra!r}, not a listed file")
+        if kind != "vision":
+            _check_decoder_io(data, kind, g, where)
     for file, table in (data.get("weights") or {}).items():
         _need(file in files and isinstance(table, dict), where, f"weights[{file!r}] must describe a listed file")
         for name, entry in table.items():
-            _need(isinstance(entry, list) and len(entry) == 4, where,
-                  f"weights[{file!r}][{name!r}] must be [offset, bytes, dtype, shape]")
+            _need(isinstance(entry, list) and len(entry) == 4 and _count(entry[0]) and _count(entry[1])
+                  and entry[0] + entry[1] <= files[file]["bytes"] and entry[2] in _DTYPES + ("int64", "int32"),
+                  where, f"weights[{file!r}][{name!r}] must be [offset, bytes, dtype, shape] inside the file")
     emb = data["embeddings"]
     _need(emb.get("file") in files, where, "embeddings.file must name a listed file")
+    _need(emb.get("shape") == [model["vocab_size"], model["hidden_size"]], where,
+          f"embeddings.shape must be [vocab_size, hidden_size] = {[model['vocab_size'], model['hidden_size']]}")
     absent = set(data["absent"])
     _need(absent <= {"vision", "tokenizer"}, where, "absent may list only vision and tokenizer")
     _need(("vision" in graphs) != ("vision" in absent), where, "graphs.vision must exist unless 'vision' is absent")
+    if "vision" in graphs:
+        image = data.get("image")
+        _need(isinstance(image, dict) and _positive(image.get("tokens")), where, "image.tokens must be a positive integer")
+        out = {o["role"]: o for o in graphs["vision"]["outputs"]}.get("image_features")
+        _need(out is not None and out["shape"][1:] == [image["tokens"], model["hidden_size"]], where,
+              "graphs.vision's image_features must be [images, image.tokens, model.hidden_size]")
     if "tokenizer" not in absent:
         tok = data.get("tokenizer")
         _need(isinstance(tok, dict) and tok.get("files") and all(f in files for f in tok["files"]),
               where, "tokenizer.files must name listed files")
+        for key in ("bos_id", "eos_id"):
+            _need(tok.get(key) is None or (_count(tok[key]) and tok[key] < model["vocab_size"]), where,
+                  f"tokenizer.{key} must be a token id below vocab_size")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_routing(data: dict, where: Path) -> None:
+    from gammamod.runtime.capacity import CapacityRule
+
+    routing, model, recipe = data["routing"], data["model"], data["recipe"]
+    _need(routing.get("mode") in ("static", "dense"), where, "routing.mode must be static or dense")
+    mod_layers = recipe.get("mod_layers")
+    _need(isinstance(mod_layers, list) and all(_count(i) and i < model["num_layers"] for i in mod_layers), where,
+          f"recipe.mod_layers must be layer indices below model.num_layers ({model['num_layers']})")
+    if routing["mode"] == "dense":
+        return
+    _need(routing.get("span") in ("prefix", "image"), where, "routing.span must be prefix or image")
+    rule = routing.get("capacity")
+    _need(isinstance(rule, dict), where, "routing.capacity must describe the kept-count rule")
+    try:
+        parsed = CapacityRule(rule)
+    except GammamodError as e:
+        raise GammamodError(f"{where}: routing.capacity: {e}") from None
+    _need(parsed.layers == mod_layers, where, "routing.capacity.mod_layers must equal recipe.mod_layers")
+    lengths = routing.get("span_lengths")
+    max_seq = data["kv_cache"]["max_seq"]
+    _need(isinstance(lengths, list) and all(_positive(n) and n < max_seq for n in lengths), where,
+          f"routing.span_lengths must be span lengths below kv_cache.max_seq ({max_seq})")
+    if parsed.count_span is not None:
+        _need(parsed.count_span < max_seq, where, "routing.capacity.count_span_length must be below kv_cache.max_seq")
+        _need(all(o["count"] <= parsed.count_span for o in parsed.overrides.values() if "count" in o), where,
+              "routing.capacity: an absolute count larger than the span it holds for")
+
+
+def _check_decoder_io(data: dict, kind: str, graph: dict, where: Path) -> None:
+    """A decoder graph's inputs and outputs must be the model's: one set per layer, the declared
+    geometry in every static dimension, span inputs exactly when the artifact routes."""
+    model, routed = data["model"], data["routing"]["mode"] == "static"
+    layers, mod_layers = model["num_layers"], data["recipe"]["mod_layers"]
+    ins = {i["role"]: i for i in graph["inputs"]}
+    outs = {o["role"]: o for o in graph["outputs"]}
+    want_in = {"inputs_embeds", "seq_lengths", "past_length"} | {f"{p}.{i}" for i in range(layers)
+                                                                 for p in ("past_key", "past_value", "kv_length")}
+    want_out = {"logits"} | {f"{p}.{i}" for i in range(layers) for p in ("present_key", "present_value", "new_kv_length")}
+    if routed and kind != "decode_ort":
+        want_in |= {"span_start", "span_length"} | {f"capacity.{i}" for i in mod_layers}
+        want_out |= {f"kept_indices.{i}" for i in mod_layers}
+    for side, have, want in (("inputs", ins, want_in), ("outputs", outs, want_out)):
+        missing, extra = sorted(want - set(have)), sorted(set(have) - want)
+        _need(not missing and not extra, where, f"graphs.{kind}.{side} do not match the model's {layers} layers"
+              f"{' and its routing' if routed else ''} (missing {missing[:3]}, unexpected {extra[:3]})")
+    hidden, kv_heads, head_dim = model["hidden_size"], model["num_kv_heads"], model["head_dim"]
+
+    def static(item, index, value, what):
+        dim = item["shape"][index] if index < len(item["shape"]) else None
+        _need(len(item["shape"]) > index and (not isinstance(dim, int) or dim == value), where,
+              f"graphs.{kind}: {item['name']} has {what} {dim}, the manifest's model says {value}")
+
+    static(ins["inputs_embeds"], 2, hidden, "hidden size")
+    static(outs["logits"], 1, model["vocab_size"], "vocabulary size")
+    for i in range(layers):
+        for role in (f"past_key.{i}", f"past_value.{i}"):
+            static(ins[role], 1, kv_heads, "key/value heads")
+            static(ins[role], 3, head_dim, "head size")
+    for role in ("span_length",) + tuple(f"capacity.{i}" for i in mod_layers):
+        if role in ins:
+            _need(ins[role]["dtype"] == "int32" and ins[role]["shape"] == [1], where,
+                  f"graphs.{kind}: {role} must be an int32 [1] shape input")
+    _need(ins["inputs_embeds"]["dtype"] == model["dtype"], where,
+          f"graphs.{kind}: inputs_embeds is {ins['inputs_embeds']['dtype']}, the model is {model['dtype']}")
+
+
+def check_graph_io(manifest: "Manifest", kind: str, inputs: list[tuple], outputs: list[tuple]) -> None:
+    """Compare a graph as a backend opened it — (name, numpy dtype name, shape with None or str
+    for dynamic dims) of each input and output — with what the manifest says of it, in one line."""
+    entry = manifest.graph(kind)
+    where = manifest.root / MANIFEST
+    for side, actual, declared in (("inputs", inputs, entry["inputs"]), ("outputs", outputs, entry["outputs"])):
+        have = {name: (dtype, shape) for name, dtype, shape in actual}
+        want = {d["name"]: d for d in declared}
+        if set(have) != set(want):
+            diff = sorted(set(have) ^ set(want))
+            raise GammamodError(f"{where}: graphs.{kind}.{side} do not match {entry['file']} (differ in {diff[:4]}); "
+                                "the manifest was edited or the graph replaced: re-export")
+        for name, d in want.items():
+            dtype, shape = have[name]
+            if dtype != d["dtype"] or len(shape) != len(d["shape"]) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, d["shape"])):
+                raise GammamodError(f"{where}: graphs.{kind}: {name} is {dtype} {list(shape)} in {entry['file']}, the "
+                                    f"manifest says {d['dtype']} {d['shape']}: re-export")

@@ -18,9 +18,10 @@ from .sampling import check_sampling
 
 
 class Chat:
-    def __init__(self, pipeline: Pipeline, image=None, **sampling):
+    def __init__(self, pipeline: Pipeline, image=None, system: str | None = None, **sampling):
         self.pipeline = pipeline
         self.image = image
+        self.system = system
         self.sampling = sampling
         self.generator = pipeline.generator(batch_size=1)
         self.turns: list[tuple[str, str]] = []
@@ -35,7 +36,7 @@ class Chat:
         stats = GenerationStats()
         t0 = time.perf_counter()
         if self._last is None:
-            prepared = pipe.prepare([self.image] if self.image is not None else None, [question])
+            prepared = pipe.prepare([self.image] if self.image is not None else None, [question], system=self.system)
             stats.vision_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             logits = self.generator.prefill(prepared.inputs_embeds, routable=prepared.routable,

@@ -2,11 +2,17 @@
 
 ``gen = pipeline.generator(batch_size=B)``; ``gen.prefill(inputs_embeds, routable=(start, len))``
 returns the last position's logits; ``gen.decode(token_ids)`` feeds the chosen tokens and returns
-the next logits; ``gen.kv_lengths()`` gives each layer's cached entries per row.
+the next logits; ``gen.extend(inputs_embeds)`` feeds a chunk (a later turn); ``gen.kv_lengths()``
+gives each layer's cached entries per row.
 
-A static-capacity artifact routes with the span it was exported for: the prefill graph's
-routable span and kept counts are constants. Prompts without a routable span (text only) and
-later turns go through the decode graph, which takes chunks of any length.
+Every call runs the one decoder graph. The routed span comes with the call: one ``(start,
+length)`` for the batch or one per row (the length shared by the batch); each MoD layer's kept
+count is computed here from the manifest's rule (``runtime.capacity``), so one artifact serves any
+prompt layout. Later chunks and decode steps carry an empty span: nothing is routed.
+
+On ONNX Runtime (CPU) the artifact's ORT graphs run: ``decoder_ort`` for chunks, ``decode_ort`` for
+single-token steps, both appending to the KV buffers in place. Elsewhere (TensorRT, or ORT with
+``fused=False``) the portable ``decoder`` graph returns each chunk's new entries, written here.
 """
 
 from __future__ import annotations
@@ -16,6 +22,28 @@ import numpy as np
 from gammamod.errors import GammamodError
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _as_spans(routable, batch: int) -> tuple[np.ndarray, int] | None:
+    """``routable`` -> (per-row starts [B], shared length) or None (no span)."""
+    if routable is None:
+        return None
+    pairs = [routable] * batch if len(routable) == 2 and all(np.isscalar(x) for x in routable) else list(routable)
+    if len(pairs) != batch:
+        raise GammamodError(f"routable: {len(pairs)} spans for {batch} rows; give one (start, length) for the batch "
+                            "or one per row")
+    try:
+        starts = np.array([int(s) for s, _ in pairs], dtype=np.int64)
+        lengths = {int(n) for _, n in pairs}
+    except (TypeError, ValueError):
+        raise GammamodError(f"routable {routable!r}: expected (start, length) pairs of integers") from None
+    if len(lengths) != 1:
+        raise GammamodError(f"routable spans of different lengths {sorted(lengths)}: the span length is shared by "
+                            "the batch; run such rows in separate calls")
+    n = lengths.pop()
+    if n < 0 or (starts < 0).any():
+        raise GammamodError(f"routable {routable!r}: expected starts and a length >= 0")
+    return starts, n
 
 
 class Generator:
@@ -29,20 +57,18 @@ class Generator:
         if model["dtype"] not in NP_DTYPES:
             raise GammamodError(f"{manifest.root}: {model['dtype']} artifacts run on TensorRT; the host runtime "
                                 "takes float32 or float16")
-        if batch_size < 1 or batch_size > kv["max_batch"]:
-            raise GammamodError(f"batch_size {batch_size}: the artifact takes 1 to {kv['max_batch']} rows "
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= kv["max_batch"]:
+            raise GammamodError(f"batch_size {batch_size!r}: the artifact takes 1 to {kv['max_batch']} rows "
                                 "(re-export with a larger --max-batch)")
         self.dtype = NP_DTYPES[model["dtype"]]
         self.hidden = model["hidden_size"]
         self.layers = model["num_layers"]
         self.max_seq = kv["max_seq"]
-        routing = manifest["routing"]
-        self.span = tuple(routing["routable_span"]) if routing["mode"] == "static" and manifest.capacities else None
-        self.capacities = manifest.capacities
+        self.rule = manifest.capacity_rule()
         self.inplace = backend.inplace_decode()
         self.cache = backend.kv_store(self.layers, batch_size, model["num_kv_heads"], model["head_dim"],
                                       self.max_seq, self.dtype, full=self.inplace)
-        self._bound = None  # the cache buffers as the backend binds them (in-place decode)
+        self._bound = None  # the cache buffers as the backend binds them (in-place graphs)
         self.past_length = np.zeros(batch_size, dtype=np.int64)
         self.kept: dict[int, np.ndarray] = {}
         self._started = False
@@ -50,7 +76,7 @@ class Generator:
     # -- helpers ----------------------------------------------------------------------------------
     def _check_embeds(self, inputs_embeds: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(inputs_embeds)
-        if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.hidden:
+        if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.hidden or x.shape[1] < 1:
             raise GammamodError(f"inputs_embeds of shape {list(x.shape)}: expected [{self.batch_size}, tokens, "
                                 f"{self.hidden}]")
         if not np.issubdtype(x.dtype, np.floating):
@@ -76,88 +102,34 @@ class Generator:
             raise GammamodError(f"token ids must lie in [0, {self.embeddings.shape[0]})")
         return np.asarray(self.embeddings[ids], dtype=self.dtype)
 
+    def kept_counts(self, span_length: int) -> dict[int, int]:
+        """Each MoD layer's kept count for a routed span of ``span_length`` tokens."""
+        return self.rule.kept_counts(span_length) if self.rule is not None else {}
+
     # -- the interface ----------------------------------------------------------------------------
-    def prefill(self, inputs_embeds, routable: tuple[int, int] | None = None, lengths=None) -> np.ndarray:
-        """Start a new sequence per row; returns each row's last-token logits [B, V]."""
+    def prefill(self, inputs_embeds, routable=None, lengths=None) -> np.ndarray:
+        """Start a new sequence per row; returns each row's last-token logits [B, V]. ``routable``:
+        the routed span, ``(start, length)`` for every row or one pair per row (same length);
+        None routes nothing (a text-only prompt). A dense artifact ignores it."""
         x, lengths = self._check_embeds(inputs_embeds, lengths)
-        t = x.shape[1]
-        if int(lengths.max()) > self.max_seq:
-            raise GammamodError(f"the prompt has {int(lengths.max())} tokens, more than the artifact's max_seq "
-                                f"{self.max_seq}")
+        spans = _as_spans(routable, self.batch_size) if self.rule is not None else None
         self.cache.reset()
         self.past_length[:] = 0
         self.kept = {}
         self._started = True
-        if self.span is not None and routable is not None:
-            if tuple(routable) != self.span:
-                raise GammamodError(f"routable span {tuple(routable)}: this artifact was exported for {self.span} "
-                                    "(static capacity); re-export with --routable or the prompt layout you use")
-            end = self.span[0] + self.span[1]
-            if t <= end or (lengths <= end).any():
-                raise GammamodError(f"every row must extend past the routable span (ends at {end}); row lengths "
-                                    f"{lengths.tolist()}")
-            return self._routed_prefill(x, lengths)
-        if self.span is None and t >= 2:
-            return self._routed_prefill(x, lengths)  # a dense artifact's prefill graph: no routing
-        return self.extend(x, lengths)
-
-    def _routed_prefill(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        outs = self._runners("prefill").run({"inputs_embeds": x, "seq_lengths": lengths})
-        skipped = {layer: self.span[1] - k for layer, k in self.capacities.items()} if self.span else {}
-        for layer in range(self.layers):
-            self.cache.write(layer, outs[f"present_key.{layer}"], outs[f"present_value.{layer}"],
-                             start=np.zeros(self.batch_size, np.int64))
-            self.cache.lengths[layer] = lengths - skipped.get(layer, 0)
-        self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in skipped}
-        self.past_length[:] = lengths
-        return outs["logits"]
+        return self._run(x, lengths, spans)
 
     def extend(self, inputs_embeds, lengths=None) -> np.ndarray:
         """Feed a chunk of tokens (a later turn, or one decode step) after what is cached."""
         if not self._started:
             raise GammamodError("decode/extend before prefill: start each sequence with Generator.prefill")
         x, lengths = self._check_embeds(inputs_embeds, lengths)
-        if int((self.past_length + lengths).max()) > self.max_seq:
-            raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq}")
-        if self.inplace and x.shape[1] == 1:
-            return self._step_in_place(x, lengths)
-        feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
-        for layer in range(self.layers):
-            feeds[f"past_key.{layer}"] = self.cache.keys(layer)
-            feeds[f"past_value.{layer}"] = self.cache.values(layer)
-            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
-        outs = self._runners("decode").run(feeds)
-        for layer in range(self.layers):
-            self.cache.write(layer, outs[f"present_key.{layer}"], outs[f"present_value.{layer}"])
-            self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
-        self.past_length += lengths
-        return outs["logits"]
-
-    def _step_in_place(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """One token per row through the fused graph: it appends each layer's entry into the cache
-        buffers itself (bound as both past and present), so nothing is written here."""
-        if self._bound is None:
-            self._bound = [(self.backend.bind(self.cache.keys(i)), self.backend.bind(self.cache.values(i)))
-                           for i in range(self.layers)]
-        feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
-        into, outputs = {}, ["logits"]
-        for layer, (keys, values) in enumerate(self._bound):
-            feeds[f"past_key.{layer}"] = keys
-            feeds[f"past_value.{layer}"] = values
-            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
-            into[f"present_key.{layer}"] = keys
-            into[f"present_value.{layer}"] = values
-            outputs.append(f"new_kv_length.{layer}")
-        outs = self._runners("decode_ort").run(feeds, outputs, into=into)
-        for layer in range(self.layers):
-            if int((self.cache.lengths[layer] + 1).max()) > self.max_seq:
-                raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq}")
-            self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
-        self.past_length += lengths
-        return outs["logits"]
+        return self._run(x, lengths, None)
 
     def decode(self, token_ids) -> np.ndarray:
         """Feed one token per row ([B], or [B, T] for several) and return the next logits [B, V]."""
+        if not self._started:
+            raise GammamodError("decode/extend before prefill: start each sequence with Generator.prefill")
         return self.extend(self.embed(token_ids))
 
     def kv_lengths(self) -> np.ndarray:
@@ -167,3 +139,66 @@ class Generator:
     def kv_bytes(self) -> np.ndarray:
         """[layers]: bytes of valid KV entries per layer (all rows)."""
         return self.cache.bytes_used()
+
+    # -- one chunk through the decoder --------------------------------------------------------------
+    def _span_feeds(self, x: np.ndarray, lengths: np.ndarray, spans) -> tuple[dict, dict[int, int]]:
+        t = x.shape[1]
+        starts, n = spans if spans is not None else (np.zeros(self.batch_size, np.int64), 0)
+        if n > 0 and ((starts + n) > lengths).any():
+            raise GammamodError(f"routed span of {n} tokens at {starts.tolist()}: it must lie inside each row "
+                                f"(row lengths {lengths.tolist()})")
+        counts = self.kept_counts(n)
+        for layer, k in counts.items():
+            if t - n + k < 1:
+                raise GammamodError(f"the routed span covers all {t} tokens and MoD layer {layer} keeps none of them: "
+                                    "leave at least one token outside the span or keep one")
+        feeds = {"span_start": starts, "span_length": np.array([n], np.int32)}
+        feeds.update({f"capacity.{layer}": np.array([k], np.int32) for layer, k in counts.items()})
+        return feeds, counts
+
+    def _run(self, x: np.ndarray, lengths: np.ndarray, spans) -> np.ndarray:
+        t = x.shape[1]
+        if int((self.past_length + t).max()) > self.max_seq:
+            raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq} "
+                                f"({int(self.past_length.max())} cached + {t} new tokens)")
+        feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
+        counts = {}
+        step = self.inplace and t == 1 and spans is None and "decode_ort" in self.manifest["graphs"]
+        if self.rule is not None and not step:
+            span_feeds, counts = self._span_feeds(x, lengths, spans)
+            feeds.update(span_feeds)
+        if self.inplace:
+            outs = self._run_in_place("decode_ort" if step else "decoder_ort", feeds)
+        else:
+            outs = self._run_portable(feeds)
+        for layer in range(self.layers):
+            self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
+        self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in counts} if spans is not None else self.kept
+        self.past_length += lengths
+        return outs["logits"]
+
+    def _run_portable(self, feeds: dict) -> dict:
+        for layer in range(self.layers):
+            feeds[f"past_key.{layer}"] = self.cache.keys(layer)
+            feeds[f"past_value.{layer}"] = self.cache.values(layer)
+            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
+        outs = self._runners("decoder").run(feeds)
+        for layer in range(self.layers):
+            self.cache.write(layer, outs[f"present_key.{layer}"], outs[f"present_value.{layer}"])
+        return outs
+
+    def _run_in_place(self, kind: str, feeds: dict) -> dict:
+        """The ORT graphs append each layer's entries into the cache buffers themselves (bound as
+        both past and present), so nothing is written here."""
+        if self._bound is None:
+            self._bound = [(self.backend.bind(self.cache.keys(i)), self.backend.bind(self.cache.values(i)))
+                           for i in range(self.layers)]
+        runner = self._runners(kind)
+        into, outputs = {}, [n for n in runner.output_names if not n.startswith(("present_key.", "present_value."))]
+        for layer, (keys, values) in enumerate(self._bound):
+            feeds[f"past_key.{layer}"] = keys
+            feeds[f"past_value.{layer}"] = values
+            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
+            into[f"present_key.{layer}"] = keys
+            into[f"present_value.{layer}"] = values
+        return runner.run(feeds, outputs, into=into)

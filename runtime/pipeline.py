@@ -9,7 +9,9 @@ processor settings, the token embedding table, and the graphs (through a backend
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +66,20 @@ class Prepared:
 
     inputs_embeds: np.ndarray  # [B, T, H], right-padded
     lengths: np.ndarray  # [B]
-    routable: tuple[int, int] | None
+    routable: list[tuple[int, int]] | None  # each row's routed span (start, length), or None
     token_ids: list[list[int]] = field(default_factory=list)
+
+
+def _split_at_images(ids: list[int]) -> list[list[int]]:
+    """Token ids around the ``<image>`` placeholders: k images give k + 1 pieces."""
+    pieces, current = [], []
+    for t in ids:
+        if t == IMAGE_TOKEN_INDEX:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(t)
+    return pieces + [current]
 
 
 def make_backend(name: str, manifest, device: str = "cpu", threads: int | None = None, **kw):
@@ -115,6 +129,8 @@ class Pipeline:
         self.template = Template.from_dict(prompt["template"]) if prompt.get("template") else None
         self.last_stats = GenerationStats()
         self.unfed: list[int] = []
+        self._pool: dict[int, list[Generator]] = {}  # idle generators by batch size: their KV buffers stay
+        self._pool_lock = threading.Lock()
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -136,7 +152,7 @@ class Pipeline:
         if "tokenizer" not in manifest["absent"]:
             tokenizer = Tokenizer.from_dir(manifest.root)
         pipe = cls(manifest, engine, tokenizer)
-        for kind in manifest["graphs"]:  # sessions/engines open now: the first request pays no load time
+        for kind in engine.graphs_used():  # sessions/engines open now: the first request pays no load time
             pipe.runner(kind)
         return pipe
 
@@ -146,71 +162,122 @@ class Pipeline:
         return self._runners[kind]
 
     def generator(self, batch_size: int = 1) -> Generator:
+        """A new generator with its own KV cache (yours to keep)."""
         return Generator(self.manifest, self.backend, self.runner, self.embeddings, batch_size)
 
+    @contextlib.contextmanager
+    def pooled_generator(self, batch_size: int = 1):
+        """A generator whose KV buffers outlive the request: the next request of that batch size
+        reuses them. A fresh max-length cache per request costs the kernel zeroing its pages on
+        first touch (up to a second per prefill on the bench-size model, measured); kept, the
+        memory is paid once. Thread-safe: concurrent requests each get their own."""
+        with self._pool_lock:
+            idle = self._pool.setdefault(batch_size, [])
+            gen = idle.pop() if idle else None
+        if gen is None:
+            gen = self.generator(batch_size)
+        try:
+            yield gen
+        finally:
+            with self._pool_lock:
+                self._pool[batch_size].append(gen)
+
     # -- inputs -----------------------------------------------------------------------------------
-    def encode_images(self, images) -> np.ndarray:
-        """Images (paths or PIL images) -> projected features [N, image tokens, hidden]."""
+    def encode_images(self, images) -> list[np.ndarray]:
+        """Images (paths, PIL images or HxWx3 uint8 arrays) -> one projected [tokens, hidden] array
+        per image, in the order the decoder sees them."""
         if self.image_processor is None or "vision" in self.manifest["absent"]:
             raise GammamodError(f"{self.manifest.root}: this artifact has no vision graph (exported from a "
                                 "checkpoint without vision tower); pass embeddings to a Generator instead")
         pictures = [as_picture(im, f"image {i}" if not isinstance(im, (str, os.PathLike)) else str(im))
                     for i, im in enumerate(images)]
+        if not pictures:
+            return []
         pixels = self.image_processor.batch(pictures)
         model_dtype = self.manifest["model"]["dtype"]
         if model_dtype == "float16":
             pixels = pixels.astype(np.float16)
-        return self.runner("vision").run({"pixel_values": pixels})["image_features"]
+        features = self.runner("vision").run({"pixel_values": pixels})["image_features"]
+        return list(features)
 
-    def prepare(self, images, prompts: list[str], features: np.ndarray | None = None) -> Prepared:
-        """Render the template, tokenise with ``<image>`` expansion, embed, splice image features
-        (``features``: already encoded, one per prompt; else the images are encoded here)."""
+    def prepare(self, images, prompts: list[str], features: list | None = None, system: str | None = None) -> Prepared:
+        """Render the template, tokenise with ``<image>`` expansion, embed, splice image features,
+        and find each row's routed span (the recipe's: p-MoD's image tokens, gamma-MoD's system
+        prompt and images). ``images``: None, or per prompt an image or a list of images, one for
+        each ``<image>`` in the prompt (a prompt without the marker gets its one image first, as
+        LLaVA does); ``features``: the same, already encoded ([tokens, hidden] arrays); ``system``
+        replaces the template's system prompt."""
         if self.tokenizer is None or self.template is None:
             raise GammamodError(f"{self.manifest.root}: the artifact has no tokenizer; use a Generator with your "
                                 "own embeddings")
+        from .prompt import IMAGE_TOKEN, routable_span
+
         n = len(prompts)
-        if images is not None and len(images) != n:
-            raise GammamodError(f"{len(images)} images for {n} prompts: give one image per prompt, or none")
-        has_image = images is not None or features is not None
-        texts = [self.template.prompt(p, has_image=has_image) for p in prompts]
+        given = features if features is not None else images
+        if given is not None and (not isinstance(given, (list, tuple)) or len(given) != n):
+            raise GammamodError(f"images: give one entry per prompt ({n}), each an image or a list of images, or "
+                                "None for text-only prompts")
+        per_row = [[] if g is None else list(g) if isinstance(g, (list, tuple)) else [g] for g in (given or [None] * n)]
+        if system is not None and not isinstance(system, str):
+            raise GammamodError("system: expected a string")
+        texts = []
+        for b, (p, row_images) in enumerate(zip(prompts, per_row)):
+            marks = p.count(IMAGE_TOKEN)
+            if marks and marks != len(row_images):
+                raise GammamodError(f"prompt {b} has {marks} {IMAGE_TOKEN} markers and {len(row_images)} images")
+            if not marks and len(row_images) > 1:
+                raise GammamodError(f"prompt {b}: {len(row_images)} images need {IMAGE_TOKEN} markers saying where "
+                                    "each goes")
+            texts.append(self.template.prompt(p, has_image=bool(row_images), system=system))
         ids = [tokenize_with_image(self.tokenizer, t) for t in texts]
-        if features is None and images is not None:
-            features = self.encode_images(images)
-        rows, span = [], None
+        if features is None:
+            flat = self.encode_images([im for row in per_row for im in row])
+            it = iter(flat)
+            per_row = [[next(it) for _ in row] for row in per_row]
         hidden = self.manifest["model"]["hidden_size"]
         dtype = self.embeddings.dtype
-        for b, row in enumerate(ids):
-            if features is None:
-                rows.append(np.asarray(self.embeddings[row], dtype=dtype))
-                continue
-            at = row.index(IMAGE_TOKEN_INDEX)
-            rows.append(np.concatenate([self.embeddings[row[:at]], features[b].astype(dtype),
-                                        self.embeddings[row[at + 1:]]]))
-            span = (at, features.shape[1])
+        rows, spans = [], []
+        for b, (row, feats) in enumerate(zip(ids, per_row)):
+            parts, blocks, at = [], [], 0
+            pieces = _split_at_images(row)
+            for i, text in enumerate(pieces):
+                parts.append(np.asarray(self.embeddings[text], dtype=dtype).reshape(len(text), hidden))
+                at += len(text)
+                if i < len(feats):
+                    f = np.asarray(feats[i])
+                    if f.ndim != 2 or f.shape[1] != hidden:
+                        raise GammamodError(f"image features of shape {list(f.shape)}: expected [tokens, {hidden}]")
+                    parts.append(f.astype(dtype))
+                    blocks.append((at, f.shape[0]))
+                    at += f.shape[0]
+            rows.append(np.concatenate(parts))
+            spans.append(routable_span(self.manifest["routing"]["span"], blocks)
+                         if self.manifest.routed else None)
         lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
         max_seq = self.manifest["kv_cache"]["max_seq"]
         if lengths.max() > max_seq:
-            raise GammamodError(f"prompt and image take {int(lengths.max())} tokens, more than the artifact's "
+            raise GammamodError(f"prompt and images take {int(lengths.max())} tokens, more than the artifact's "
                                 f"max_seq {max_seq}")
         x = np.zeros((n, int(lengths.max()), hidden), dtype=dtype)
         for b, r in enumerate(rows):
             x[b, :r.shape[0]] = r
         routable = None
-        if span is not None:
-            routing = self.manifest["routing"]
-            recipe_span = self.manifest["recipe"]["span"]
-            routable = (0, span[0] + span[1]) if recipe_span == "prefix" else span
-            if routing.get("image_start") is not None and span[0] != routing["image_start"]:
-                raise GammamodError(f"the image sits at token {span[0]}, the artifact was exported for "
-                                    f"{routing['image_start']} (a different template or tokenizer?)")
+        if any(s is not None for s in spans):
+            sizes = {s[1] if s is not None else 0 for s in spans}
+            if len(sizes) > 1:
+                raise GammamodError(f"the prompts' routed spans have different lengths ({sorted(sizes)} tokens): a "
+                                    "batch shares one span length; generate them in separate calls")
+            routable = spans
         return Prepared(x, lengths, routable, ids)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, images, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | None = None, stream=None,
-                 seed: int | None = None) -> list[GenerationResult]:
-        """Answer each prompt (about its image). ``images``: None, or one image per prompt (paths or
-        PIL images). ``stream(row, text)`` receives text as it is generated."""
+                 seed: int | None = None, system: str | None = None) -> list[GenerationResult]:
+        """Answer each prompt (about its images). ``images``: None, or per prompt an image (a path, a
+        PIL image or an HxWx3 uint8 array), a list of them (one per ``<image>`` in the prompt), or
+        None. ``system`` replaces the template's system prompt; the routed span follows the prompt.
+        ``stream(row, text)`` receives text as it is generated."""
         if isinstance(prompts, str):
             prompts = [prompts]
             images = None if images is None else ([images] if not isinstance(images, (list, tuple)) else images)
@@ -223,14 +290,14 @@ class Pipeline:
         check_sampling(temperature, top_p, top_k, repetition_penalty, stop, max_new_tokens)
         stats = GenerationStats()
         t0 = time.perf_counter()
-        prepared = self.prepare(images, list(prompts))
+        prepared = self.prepare(images, list(prompts), system=system)
         stats.vision_s = time.perf_counter() - t0
-        gen = self.generator(batch_size=len(prompts))
-        t1 = time.perf_counter()
-        logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
-        stats.prefill_s = time.perf_counter() - t1
-        results = self.decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
-                                    repetition_penalty, stop, stream, seed, stats)
+        with self.pooled_generator(len(prompts)) as gen:
+            t1 = time.perf_counter()
+            logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
+            stats.prefill_s = time.perf_counter() - t1
+            results = self.decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
+                                        repetition_penalty, stop, stream, seed, stats)
         self.last_stats = stats
         return results
 

@@ -25,23 +25,25 @@ class Template:
     sep: str
     sep2: str
 
-    def render(self, turns: list[tuple[str, str | None]]) -> str:
+    def render(self, turns: list[tuple[str, str | None]], system: str | None = None) -> str:
         """LLaVA's ``SeparatorStyle.TWO``: ``turns`` are (role, text) pairs, the last one's text
-        None to leave the assistant's answer open."""
+        None to leave the assistant's answer open. ``system`` replaces the template's system prompt."""
         seps = (self.sep, self.sep2)
-        out = self.system + seps[0]
+        out = (self.system if system is None else system) + seps[0]
         for i, (role, text) in enumerate(turns):
             out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
         return out
 
-    def prompt(self, question: str, has_image: bool = True, history: list[tuple[str, str]] = ()) -> str:
-        """One user question (with the image in the first turn), history as (question, answer)."""
+    def prompt(self, question: str, has_image: bool = True, history: list[tuple[str, str]] = (),
+               system: str | None = None) -> str:
+        """One user question (with the image in the first turn, where the question does not place
+        ``<image>`` itself), history as (question, answer); ``system`` replaces the system prompt."""
         user, assistant = self.roles
         turns: list[tuple[str, str | None]] = []
         for i, (q, a) in enumerate(history):
             turns += [(user, _with_image(q, has_image and i == 0)), (assistant, a)]
         turns += [(user, _with_image(question, has_image and not history)), (assistant, None)]
-        return self.render(turns)
+        return self.render(turns, system)
 
     def continuation(self, question: str) -> str:
         """The text that follows an assistant's answer in the next turn: ``</s>USER: q ASSISTANT:``."""
@@ -58,8 +60,11 @@ class Template:
 
 
 def _with_image(text: str, has_image: bool) -> str:
-    text = text.replace(IMAGE_TOKEN, "").strip() if has_image else text
-    return f"{IMAGE_TOKEN}\n{text}" if has_image else text
+    """LLaVA puts the image first in the user's turn; a question that says where its images go
+    (``<image>`` markers) keeps them there."""
+    if not has_image or IMAGE_TOKEN in text:
+        return text
+    return f"{IMAGE_TOKEN}\n{text.strip()}"
 
 
 VICUNA_V1 = Template(
@@ -94,3 +99,23 @@ def tokenize_with_image(tokenizer, prompt: str) -> list[int]:
 
 def image_positions(ids: list[int]) -> list[int]:
     return [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+
+
+def routable_span(kind: str, blocks: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The routed span (start, length) of a prompt whose images sit at ``blocks`` [(start, tokens)]
+    (positions after expansion), for the recipe's span ``kind``: "prefix" (gamma-MoD: the system
+    prompt and the images, everything before the question) or "image" (p-MoD: the image tokens,
+    which must then be adjacent: text between images is never routed). None without images."""
+    if not blocks:
+        return None
+    blocks = sorted(blocks)
+    end = blocks[-1][0] + blocks[-1][1]
+    if kind == "prefix":
+        return (0, end)
+    if kind != "image":
+        raise GammamodError(f"routed span kind {kind!r}: expected prefix or image")
+    start = blocks[0][0]
+    if sum(n for _, n in blocks) != end - start:
+        raise GammamodError("p-MoD routes image tokens only, and one routed span per prompt: put several images "
+                            "next to each other (no text between them)")
+    return (start, end - start)

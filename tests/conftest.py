@@ -83,7 +83,7 @@ def _export(root: Path, ckpt: Path, name: str, **options) -> Path:
 
 @pytest.fixture(scope="session")
 def art_gamma(tiny_root, tiny_gamma) -> Path:
-    return _export(tiny_root, tiny_gamma, "art-gamma", tensorrt=["10.3"])
+    return _export(tiny_root, tiny_gamma, "art-gamma", tensorrt=["10.3", "11.x"])
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,14 @@ def test_topk_limits():
     # K computed from data: neither static nor checkable
     m = model([helper.make_node("ReduceMax", ["n"], ["k"], keepdims=1),
                helper.make_node("TopK", ["x", "k"], ["v", "i"])],
-              [tensor("x"), tensor("n", TensorProto.INT64, (1,))], [tensor("v"), tensor("i", TensorProto.INT64)])
-    assert any("TopK K is not a constant" in e for e in errors(m))
+              [tensor("x"), tensor("n", TensorProto.INT64, ("B",))], [tensor("v"), tensor("i", TensorProto.INT64)])
+    assert any("TopK K is computed from data" in e for e in errors(m))
+    # K from a shape-tensor input (an INT32 [1] input, as the decoder's capacity.<l>): static, but its
+    # profile values must stay below TensorRT's limit
+    m = model([helper.make_node("Cast", ["cap"], ["k"], to=TensorProto.INT64),
+               helper.make_node("TopK", ["x", "k"], ["v", "i"])],
+              [tensor("x"), tensor("cap", TensorProto.INT32, (1,))], [tensor("v"), tensor("i", TensorProto.INT64)])
+    assert errors(m) == [] and any("shape inputs" in w for w in warnings_(m, "10.3"))
     # a constant K below the limit is fine
     m = model([helper.make_node("TopK", ["x", "k"], ["v", "i"])], [tensor("x")],
               [tensor("v"), tensor("i", TensorProto.INT64)], [const("k", [3])])
@@ -80,10 +86,14 @@ def test_topk_limits():
 def test_data_dependent_shapes():
     m = model([helper.make_node("NonZero", ["x"], ["y"])], [tensor("x")], [tensor("y", TensorProto.INT64, (2, "N"))])
     assert any("NonZero has a data-dependent output shape" in e for e in errors(m))
-    # a Reshape whose target shape is read from data
+    # a Reshape whose target shape is read from data (the values of a tensor of dynamic size)
+    m = model([helper.make_node("Reshape", ["x", "s"], ["y"])],
+              [tensor("x"), tensor("s", TensorProto.INT64, ("R",))], [tensor("y")])
+    assert any("data-dependent shape" in e for e in errors(m))
+    # ... but a small fixed-size integer input is a shape tensor (its values come with each profile)
     m = model([helper.make_node("Reshape", ["x", "s"], ["y"])],
               [tensor("x"), tensor("s", TensorProto.INT64, (2,))], [tensor("y")])
-    assert any("data-dependent shape" in e for e in errors(m))
+    assert errors(m) == []
     # ... and one whose target shape comes from Shape arithmetic is static
     m = model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
               [tensor("x")], [tensor("y")])

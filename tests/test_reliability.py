@@ -190,6 +190,57 @@ def test_output_dir_lock_follows_a_killed_holder(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# 4. the manifest is checked against itself and against the graphs it names
+
+
+def _edited(art, tmp_path, edit, name="edited"):
+    import json
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(art, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    edit(data)
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_edited_manifests_are_refused_in_one_line(art_gamma, tmp_path):
+    """Each edit used to give a silent wrong answer, a traceback or a huge allocation."""
+    from gammamod.runtime.pipeline import Pipeline
+
+    def rule(d):
+        return d["routing"]["capacity"]
+
+    cases = [
+        # a MoD layer keeping more than the span (a KV length larger than the prompt)
+        (lambda d: rule(d).update(overrides={"3": {"fraction": "1.5"}}), "capacity fraction 1.5"),
+        (lambda d: rule(d).update(overrides={"3": {"count": 500}}, count_span_length=73), r"must lie in \[0, 73\]"),
+        (lambda d: d["model"].update(num_layers=9), "do not match the model's 9 layers"),
+        (lambda d: d["model"].update(num_layers=4), "recipe.mod_layers must be layer indices below"),
+        (lambda d: d["model"].update(hidden_size=128), "hidden size 64, the manifest's model says 128"),
+        (lambda d: d["kv_cache"].update(max_seq=2 ** 40), "max_seq 1099511627776 exceeds"),
+        (lambda d: d["kv_cache"].update(max_batch=0), "kv_cache.max_batch must be a positive integer"),
+        (lambda d: d["routing"].update(span_lengths=[5000]), "routing.span_lengths"),
+        (lambda d: d["tokenizer"].update(eos_id=10 ** 6), "tokenizer.eos_id"),
+    ]
+    for i, (edit, fragment) in enumerate(cases):
+        art = _edited(art_gamma, tmp_path, edit, f"e{i}")
+        with pytest.raises(GammamodError, match=fragment):
+            Pipeline.load(art)
+        one_line(gammamod("run", art, "--prompt", "hi", "--no-verify"), 2, "manifest.json")
+
+
+def test_a_manifest_pointing_at_another_graph_is_refused(art_gamma, tmp_path):
+    """The manifest's description of a graph is compared with the graph itself when it loads."""
+    from gammamod.runtime.pipeline import Pipeline
+
+    art = _edited(art_gamma, tmp_path, lambda d: d["graphs"]["decoder_ort"].update(file="decode.ort.onnx"))
+    with pytest.raises(GammamodError, match="graphs.decoder_ort.inputs do not match decode.ort.onnx"):
+        Pipeline.load(art)
+
+
+# --------------------------------------------------------------------------------------------
 # 5. errors that used to escape the one-line handler
 
 

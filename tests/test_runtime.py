@@ -159,23 +159,61 @@ def test_generator_interface(art_pmod):
     pipe = Pipeline.load(art_pmod)
     m = pipe.manifest
     gen = pipe.generator(batch_size=2)
-    start, length = m["routing"]["routable_span"]
+    start, length = 14, 36
     x = np.random.default_rng(0).standard_normal((2, start + length + 9, 64)).astype(np.float32)
     logits = gen.prefill(x, routable=(start, length), lengths=[start + length + 9, start + length + 4])
     assert logits.shape == (2, m["model"]["vocab_size"])
     kv = gen.kv_lengths()
+    k31 = gen.kept_counts(length)[31]
     assert kv.shape == (32, 2) and kv[0].tolist() == [start + length + 9, start + length + 4]
-    assert kv[31].tolist() == [start + 9 + m.capacities[31], start + 4 + m.capacities[31]]
+    assert kv[31].tolist() == [start + 9 + k31, start + 4 + k31]
     logits = gen.decode(np.array([5, 7]))
     assert (gen.kv_lengths() == kv + 1).all()  # p-MoD decodes densely: every layer appends
     bytes_per_layer = gen.kv_bytes()
     assert bytes_per_layer[31] < bytes_per_layer[0]  # the MoD layers' KV saving, measured
-    with pytest.raises(GammamodError, match="exported for"):
-        gen.prefill(x, routable=(start + 1, length))
+    # any span per call, or one per row
+    gen.prefill(x, routable=[(start, length), (start + 5, length)], lengths=[start + length + 9, start + length + 6])
+    assert gen.kept[31][1, :start + 5].tolist() == list(range(start + 5))
+    with pytest.raises(GammamodError, match="different lengths"):
+        gen.prefill(x, routable=[(0, 20), (0, 21)])
+    with pytest.raises(GammamodError, match="must lie inside each row"):
+        gen.prefill(x, routable=(40, 36))
     with pytest.raises(GammamodError, match="inputs_embeds of shape"):
         gen.prefill(x[:1])
     with pytest.raises(GammamodError, match="batch_size 99"):
         pipe.generator(batch_size=99)
+
+
+def test_one_artifact_answers_any_prompt_layout(tiny_gamma, art_gamma, tiny_pmod, art_pmod, test_image_path):
+    """The runtime finds the recipe's routed span in the prompt it builds: a custom system prompt
+    and text before the image move it, and one artifact answers all of them as PyTorch does."""
+    import torch
+
+    from gammamod.export import generate_from_embeds, load_checkpoint
+    from gammamod.export.generate import prepare_prompts
+    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.prompt import VICUNA_V1
+    from gammamod.runtime.tokenizer import Tokenizer
+
+    layouts = [("What is in the picture?", None),
+               ("What is in the picture?", "You are a terse assistant. Answer in few words."),
+               ("Look closely at this photo: <image>\nWhat is in it?", None)]
+    for ckpt, art in ((tiny_gamma, art_gamma), (tiny_pmod, art_pmod)):
+        pipe = Pipeline.load(art)
+        model = load_checkpoint(ckpt)
+        tok = Tokenizer.from_dir(ckpt)
+        pixels = torch.from_numpy(ImageProcessor(model.vision.image_processor, "pad").batch([load_image(test_image_path)]))
+        spans = set()
+        for question, system in layouts:
+            [got] = pipe.generate([test_image_path], [question], max_new_tokens=12, system=system)
+            prepared = pipe.prepare([test_image_path], [question], system=system)
+            spans.add(tuple(prepared.routable[0]))
+            batch = prepare_prompts(model, tok, [VICUNA_V1.prompt(question, system=system)], pixels)
+            assert [tuple(s) for s in batch.routable] == prepared.routable
+            ref = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, max_new_tokens=12,
+                                       eos_token_id=tok.eos_id)
+            assert got.tokens == [t for t in ref.tokens[0].tolist() if t != tok.eos_id]
+        assert len(spans) == 3  # three layouts, three different spans, one artifact
 
 
 def test_kv_cache_windows_grow_in_place():
@@ -235,8 +273,8 @@ def test_missing_or_tampered_files(art_gamma, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(GammamodError, match=r"decoder.weights: sha256 differs"):
         Pipeline.load(art)
-    (art / "decode.onnx").unlink()
-    with pytest.raises(GammamodError, match=r"decode.onnx: missing"):
+    (art / "decoder.ort.onnx").unlink()
+    with pytest.raises(GammamodError, match=r"decoder.ort.onnx: missing"):
         Pipeline.load(art, verify=False)
     with pytest.raises(GammamodError, match="no such file"):
         Pipeline.load(tmp_path / "nothing")
@@ -298,7 +336,7 @@ def test_tensorrt_engine_compatibility_rules():
     from gammamod.runtime.backends.tensorrt import check_engines
 
     engines = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": [8, 7]},
-               "plugin": {"version": "1"}, "files": {"prefill": "p.engine"}}
+               "plugin": {"version": "1"}, "files": {"decoder": "d.engine"}}
     check_engines(engines, "10.3.0", (8, 7), "1")
     with pytest.raises(GammamodError, match="built by TensorRT 10.3.0, this machine has 10.7.0"):
         check_engines(engines, "10.7.0", (8, 7), "1")

@@ -57,7 +57,8 @@ def run_layer(model, x, routing, span=None, capacity=None, cache=None, layer_idx
     b, t, _ = x.shape
     cache = cache or model.new_cache(b)
     step = Step(routing=routing, kv=cache, past_length=cache.seen.clone(), valid=torch.full((b,), t),
-                span=span, capacity=capacity or {})
+                span_start=torch.full((b,), span[0]) if span else None, span_length=span[1] if span else 0,
+                capacity=capacity or {})
     with torch.no_grad():
         out = model.model.layers[layer_idx](x, step)
     cache.seen += t
@@ -250,6 +251,27 @@ def test_batch_rows_are_routed_independently(recipe):
         torch.testing.assert_close(both.logits[b], one.logits[0], rtol=1e-5, atol=1e-5)
     # different rows choose different tokens: the routing really is per row
     assert any(both.kept[layer][0].tolist() != both.kept[layer][1].tolist() for layer in both.kept)
+
+
+@pytest.mark.parametrize("recipe", [rc.gamma_mod([1, 2]), rc.p_mod({1: 0.6, 2: 0.3}, rc.ScoreNorm())])
+def test_rows_with_spans_at_different_positions(recipe):
+    """One batch, each row its own span start (one length): every row equals that row alone."""
+    model = build(recipe, layers=3, router_bias=recipe.router == "per-layer-scalar")
+    x = torch.randn(2, 18, H)
+    spans = [(1, 9), (6, 9)] if recipe.name == "p-mod" else [(0, 9), (0, 9)]
+    if recipe.name == "gamma-mod":  # gamma-MoD routes a prefix: different prompts end it at different places
+        spans = [(0, 9), (0, 9)]
+    both = generate_from_embeds(model, x, routable=spans, routing="static", max_new_tokens=5, return_logits=True)
+    for b in range(2):
+        one = generate_from_embeds(model, x[b:b + 1], routable=spans[b], routing="static", max_new_tokens=5,
+                                   return_logits=True)
+        assert torch.equal(both.tokens[b], one.tokens[0])
+        for layer in both.kept:
+            assert both.kept[layer][b].tolist() == one.kept[layer][0].tolist()
+            # the row's tokens outside its own span are all kept
+            start, n = spans[b]
+            assert set(range(start)) | set(range(start + n, 18)) <= set(both.kept[layer][b].tolist())
+        torch.testing.assert_close(both.logits[b], one.logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_right_padded_rows_match_unpadded():

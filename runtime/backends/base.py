@@ -1,7 +1,7 @@
 """One small backend interface, in the spirit of Polygraphy's runners.
 
-A backend opens the graphs of an artifact (``open(kind)`` for ``vision``, ``prefill``,
-``decode``) as runners. A runner has ``input_names``/``output_names`` and ``run(feeds,
+A backend opens the graphs of an artifact (``open(kind)`` for ``vision``, ``decoder``, and
+ONNX Runtime's ``decoder_ort`` / ``decode_ort``) as runners. A runner has ``input_names``/``output_names`` and ``run(feeds,
 outputs)`` with name -> array dicts, so ONNX Runtime and TensorRT are interchangeable and any
 two can be compared tensor by tensor. Large inputs that must not be copied (the KV cache) are
 passed as the backend's own buffers: :meth:`Backend.kv_buffer` makes them, and the runner binds
@@ -40,8 +40,12 @@ class Backend:
         return KVCache(layers, batch, kv_heads, head_dim, max_seq, dtype, full=full)
 
     def inplace_decode(self) -> bool:
-        """Whether this backend runs the artifact's ``decode_ort`` graph (KV appended in place)."""
+        """Whether this backend runs the artifact's ORT graphs (KV appended in place)."""
         return False
+
+    def graphs_used(self) -> list[str]:
+        """The graph kinds this backend runs (opened when a Pipeline loads)."""
+        return [k for k in ("vision", "decoder") if k in self.manifest["graphs"]]
 
     def bind(self, array):
         """A buffer the runners can take as an input and write as an output (in-place decode)."""

@@ -1,6 +1,8 @@
 """ONNX Runtime backend (``onnxruntime`` for CPU, ``onnxruntime-gpu`` for CUDA).
 
-The two decoder graphs share one weights file. On CPU each weight is memory-mapped once and
+On CPU it runs the artifact's ORT graphs (``decoder.ort.onnx`` for chunks, ``decode.ort.onnx``
+for single-token steps: fused attention, the KV cache appended in place); with ``fused=False``, or
+on CUDA, the portable ``decoder.onnx``. The decoder graphs share one weights file. On CPU each weight is memory-mapped once and
 handed to both sessions with ``SessionOptions.add_initializer``, so the weights are held once
 (with pre-packing off: ONNX Runtime would otherwise repack each MatMul weight per session).
 Inputs are bound with IOBinding over the caller's arrays, so the KV cache is never copied.
@@ -119,6 +121,8 @@ class OrtBackend(Backend):
         return self._values[key]
 
     def open(self, kind: str) -> OrtRunner:
+        from gammamod.manifest import check_graph_io
+
         ort = _ort()
         graph = self.manifest.graph(kind)
         if graph is None:
@@ -128,10 +132,19 @@ class OrtBackend(Backend):
             session = ort.InferenceSession(path, self._options(kind), providers=self.providers)
         except Exception as e:  # a damaged graph: say which file, in one line
             raise GammamodError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+        def described(values):
+            return [(v.name, _ORT_TYPES.get(v.type, v.type), list(v.shape)) for v in values]
+
+        check_graph_io(self.manifest, kind, described(session.get_inputs()), described(session.get_outputs()))
         return OrtRunner(kind, session, self.device)
 
     def inplace_decode(self) -> bool:
-        return self.fused and self.device == "cpu" and "decode_ort" in self.manifest["graphs"]
+        return self.fused and self.device == "cpu" and "decoder_ort" in self.manifest["graphs"]
+
+    def graphs_used(self) -> list[str]:
+        kinds = ["vision"] + (["decoder_ort", "decode_ort"] if self.inplace_decode() else ["decoder"])
+        return [k for k in kinds if k in self.manifest["graphs"]]
 
     def bind(self, array):
         return _ort().OrtValue.ortvalue_from_numpy(array)  # shares the array's memory (CPU)
@@ -139,6 +152,10 @@ class OrtBackend(Backend):
     def describe(self) -> str:
         fused = ", fused decode" if self.inplace_decode() else ""
         return f"ort ({self.device}, {self.threads} threads{fused})"
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 def _physical_cores() -> int:
