@@ -85,13 +85,35 @@ def test_bench_reports_every_configuration(art_gamma, art_gamma_dense, tiny_gamm
     assert report["prefill_gflop"]["routed"] < report["prefill_gflop"]["dense"]
     assert {g["name"] for g in report["goals"]} == {"prefill MoD vs dense, share of the FLOP speedup",
                                                     "prefill dense runtime vs transformers eager",
-                                                    "decode runtime vs PyTorch reference"}
+                                                    "decode runtime vs PyTorch reference",
+                                                    "decode MoD vs dense, share of the speedup the gate's skipped "
+                                                    "FLOPs allow"}
+    # gamma-MoD's decode gate: the share of (step, MoD layer) pairs it skipped, counted from the
+    # layers' caches, and the speedup those skipped FLOPs allow
+    skipped = report["ratios"]["decode gate: skipped (step, MoD layer) pairs"]
+    allowed = report["ratios"]["decode speedup the gate's skipped FLOPs allow (theory)"]
+    assert 0 <= skipped <= 1 and allowed >= 1 and (allowed > 1) == (skipped > 0)
     # runtime workers never load torch, so their peak memory is their own
     assert report["configs"]["gamma-mod / ort"]["peak_rss_mib"] < report["configs"]["gamma-mod / pytorch"]["peak_rss_mib"]
     out = tmp_path / "bench"
     assert json.loads((out / "bench.json").read_text())["recipe"] == "gamma-mod"
     assert "| gamma-mod / ort |" in (out / "bench.md").read_text()
     assert Image.open(out / "bench.png").size[0] > 500
+
+
+def test_decode_skip_speedup_by_hand(art_gamma):
+    """The speedup the gate allows: a step's FLOPs (layers and lm_head) over those left when the
+    skipped share of the MoD layers' FLOPs is gone, from the tiny model's geometry by hand."""
+    from gammamod.manifest import read_manifest
+    from gammamod.validate.bench import decode_skip_speedup
+
+    m = read_manifest(art_gamma)
+    h, inter, layers, vocab = 64, 176, 8, 512  # hidden, MLP, layers, vocabulary of make-tiny's gamma-MoD
+    heads, kv_heads, d, context = 4, 2, 16, 100
+    layer = 2 * h * (heads * d * 2 + kv_heads * d * 2) + 4 * context * heads * d + 6 * h * inter
+    total = layers * layer + 2 * h * vocab
+    assert decode_skip_speedup(m, 0.5, context) == pytest.approx(total / (total - 0.5 * 4 * layer))
+    assert decode_skip_speedup(m, 0.0, context) == 1.0
 
 
 def test_bench_sweep_and_dense_twin_export(art_gamma, tiny_gamma, tmp_path):

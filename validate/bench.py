@@ -33,10 +33,12 @@ import numpy as np
 
 from gammamod.errors import GammamodError
 
-GOALS = {  # measured on this project's 2-core CPU machine with the bench-size model on ONNX Runtime
+GOALS = {  # measured on this project's 2-core CPU machine with the bench-size models on ONNX Runtime
     "prefill MoD vs dense, share of the FLOP speedup": 0.9,
     "prefill dense runtime vs transformers eager": 1.2,
     "decode runtime vs PyTorch reference": 2.0,
+    # gamma-MoD: the decode gate skips layers; the time saved must follow the FLOPs skipped
+    "decode MoD vs dense, share of the speedup the gate's skipped FLOPs allow": 0.8,
 }
 
 
@@ -213,16 +215,28 @@ class _Runner:
         features = pipe.encode_images([self.picture])
         t1 = time.perf_counter()
         prepared = pipe.prepare(None, [self.prompt], features=features)
-        gen = pipe.generator(1)
+        with pipe.pooled_generator(1) as gen:  # as Pipeline.generate: the KV buffers are kept between requests
+            return self._timed_generation(gen, prepared, t0, t1)
+
+    def _timed_generation(self, gen, prepared, t0, t1) -> dict:
+        pipe = self.pipe
         t2 = time.perf_counter()
         logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
         t3 = time.perf_counter()
+        lengths = [gen.kv_lengths()]
         for _ in range(self.tokens):
             logits = gen.decode(np.asarray(logits).argmax(-1))
+            lengths.append(gen.kv_lengths())
         t4 = time.perf_counter()
+        # a layer whose cache did not grow in a step did not run in it (gamma-MoD's decode gate)
+        grew = np.diff(np.stack(lengths)[:, :, 0], axis=0) > 0  # [steps, layers]
+        mod_layers = pipe.manifest["recipe"]["mod_layers"] if pipe.manifest.routed else []
+        skipped = float((~grew[:, mod_layers]).mean()) if mod_layers else 0.0
         return {"vision_s": t1 - t0, "prefill_s": t3 - t2, "decode_s": (t4 - t3) / self.tokens, "e2e_s": t4 - t0,
-                "seq_len": int(prepared.lengths[0]), "kv_bytes": int(gen.kv_bytes().sum()),
-                "kv_bytes_per_layer": [int(x) for x in gen.kv_bytes()]}
+                "seq_len": int(prepared.lengths[0]),
+                "span_length": prepared.routable[0][1] if prepared.routable else 0,
+                "kv_bytes": int(gen.kv_bytes().sum()), "kv_bytes_per_layer": [int(x) for x in gen.kv_bytes()],
+                "decode_skipped": skipped}
 
     def _torch(self) -> dict:
         torch = self.torch
@@ -372,7 +386,8 @@ def measure_configs(configs: list[Config], image: str, prompt: str, tokens: int,
             "ttft_ms": (med["vision_s"] + med["prefill_s"]) * 1e3, "decode_ms_per_token": med["decode_s"] * 1e3,
             "tokens_per_s": 1.0 / med["decode_s"], "e2e_ms": med["e2e_s"] * 1e3,
             "prefill_ms_all": [r["prefill_s"] * 1e3 for r in runs], "decode_ms_all": [r["decode_s"] * 1e3 for r in runs],
-            "seq_len": runs[-1]["seq_len"], "kv_bytes": runs[-1]["kv_bytes"],
+            "seq_len": runs[-1]["seq_len"], "span_length": runs[-1].get("span_length", 0),
+            "decode_skipped": statistics.mean(r.get("decode_skipped", 0.0) for r in runs), "kv_bytes": runs[-1]["kv_bytes"],
             "kv_bytes_per_layer": runs[-1].get("kv_bytes_per_layer"), "peak_rss_mib": stats[cfg.label]["peak_rss_mib"],
             "device_memory_mib": stats[cfg.label]["device_memory_mib"]}
     return out
@@ -382,25 +397,42 @@ def measure_configs(configs: list[Config], image: str, prompt: str, tokens: int,
 # theory: FLOPs and bytes
 
 
-def prefill_flops(manifest, seq_len: int, routed: bool) -> float:
-    """Decoder prefill FLOPs of a ``seq_len``-token prompt (MoD layers over their kept tokens)."""
-    from gammamod.export.model import DecoderConfig, decoder_flops
+def _config(manifest):
+    from gammamod.export.model import DecoderConfig
 
     m = manifest["model"]
-    cfg = DecoderConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
-                        intermediate_size=m["intermediate_size"], num_layers=m["num_layers"], num_heads=m["num_heads"],
-                        num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"])
+    return DecoderConfig(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+                         intermediate_size=m["intermediate_size"], num_layers=m["num_layers"], num_heads=m["num_heads"],
+                         num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"])
+
+
+def prefill_flops(manifest, seq_len: int, span_length: int = 0) -> float:
+    """Decoder prefill FLOPs of a ``seq_len``-token prompt whose routed span has ``span_length``
+    tokens (MoD layers over their kept tokens; 0: dense)."""
+    from gammamod.export.model import decoder_flops
+
     kept = {}
-    if routed:
-        span = manifest["routing"]["routable_span"][1]
-        kept = {layer: seq_len - span + k for layer, k in manifest.capacities.items()}
-    return decoder_flops(cfg, seq_len, kept)
+    if span_length and manifest.routed:
+        kept = {layer: seq_len - span_length + k for layer, k in manifest.capacity_rule().kept_counts(span_length).items()}
+    return decoder_flops(_config(manifest), seq_len, kept)
+
+
+def decode_skip_speedup(manifest, skipped: float, context: int) -> float:
+    """The decode speedup gamma-MoD's gate allows when it skips ``skipped`` of the (step, MoD layer)
+    pairs: the FLOPs of a step (layers and lm_head) over those that remain."""
+    from gammamod.export.model import mod_layer_flops
+
+    cfg = _config(manifest)
+    layer = mod_layer_flops(cfg, 1, context)
+    total = cfg.num_layers * layer + 2 * cfg.hidden_size * cfg.vocab_size
+    saved = skipped * len(manifest["recipe"]["mod_layers"]) * layer
+    return total / (total - saved)
 
 
 def decode_weight_bytes(manifest) -> int:
     """Bytes of weights a decode step reads: every decoder weight its graph uses (embeddings are a
     row lookup; RoPE tables a row each)."""
-    kind = "decode_ort" if "decode_ort" in manifest["graphs"] else "decode"
+    kind = "decode_ort" if "decode_ort" in manifest["graphs"] else "decoder"
     table = manifest["weights"]["decoder.weights"]
     return sum(table[n][1] for n in manifest["graphs"][kind]["initializers"] if not n.startswith("rope_"))
 
@@ -418,7 +450,7 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
 
     manifest = read_manifest(artifact)
     recipe = manifest["recipe"]["name"]
-    routed = manifest["routing"]["mode"] == "static" and bool(manifest.capacities)
+    routed = manifest.routed
     threads = threads or _physical_cores()
     out_dir = Path(out_dir or Path(artifact).with_name(Path(artifact).name + ".bench"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -446,7 +478,8 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     machine = {**before, **{k: max(before[k], after[k]) for k in ("matmul_gflops", "memory_gbps")}} if before else None
 
     seq_len = results[label]["seq_len"]
-    flops = {"routed": prefill_flops(manifest, seq_len, routed), "dense": prefill_flops(manifest, seq_len, False)}
+    span = results[label].get("span_length", 0)
+    flops = {"routed": prefill_flops(manifest, seq_len, span), "dense": prefill_flops(manifest, seq_len)}
     weight_bytes = decode_weight_bytes(manifest)
     for name, r in results.items():
         is_routed = routed and not name.startswith("dense")
@@ -472,6 +505,13 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
                                                  / results[label]["decode_ms_per_token"])
         ratios["KV bytes MoD / dense"] = results[label]["kv_bytes"] / results[dense_label]["kv_bytes"]
         ratios["prefill MoD vs dense, share of the FLOP speedup"] = speedup / flop_speedup
+        if manifest["recipe"]["decode"] == "gate":
+            skipped = results[label]["decode_skipped"]
+            allowed = decode_skip_speedup(manifest, skipped, seq_len + tokens // 2)
+            ratios["decode gate: skipped (step, MoD layer) pairs"] = skipped
+            ratios["decode speedup the gate's skipped FLOPs allow (theory)"] = allowed
+            ratios["decode MoD vs dense, share of the speedup the gate's skipped FLOPs allow"] = (
+                ratios["decode speedup MoD vs dense"] / allowed)
     if dense_label in results and hf_label in results:
         ratios["prefill dense runtime vs transformers eager"] = (results[hf_label]["prefill_ms"]
                                                                  / results[dense_label]["prefill_ms"])
@@ -525,12 +565,14 @@ def _sweep(reference, manifest, ratios, out_dir, results, dense_label, image, pr
            repeats, backend, device, stage, progress) -> list[dict]:
     from gammamod.export.exporter import ExportOptions, export_artifact
     from gammamod.manifest import read_manifest
+    from gammamod.runtime.capacity import decimal_fraction
 
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest["model"]["dtype"]]
     configs = []
     for r in ratios:
         art = out_dir / f"sweep-skip-{r:g}"
-        if not (art / "manifest.json").is_file() or read_manifest(art)["recipe"]["skip_ratio"] != r:
+        if not (art / "manifest.json").is_file() or decimal_fraction(
+                read_manifest(art)["routing"]["capacity"]["skip_ratio"]) != decimal_fraction(r):
             stage(f"exporting skip ratio {r:g}")()
             export_artifact(reference, art, ExportOptions(skip_ratio=r, dtype=dtype, force=True,
                                                           max_batch=manifest["kv_cache"]["max_batch"],
@@ -542,7 +584,7 @@ def _sweep(reference, manifest, ratios, out_dir, results, dense_label, image, pr
     for r, cfg in zip(ratios, configs):
         m = measured[cfg.label]
         art_manifest = read_manifest(cfg.artifact)
-        flop = prefill_flops(art_manifest, m["seq_len"], True) / prefill_flops(art_manifest, m["seq_len"], False)
+        flop = prefill_flops(art_manifest, m["seq_len"], m["span_length"]) / prefill_flops(art_manifest, m["seq_len"])
         rows.append({"skip_ratio": r, "prefill_ms": m["prefill_ms"], "decode_ms_per_token": m["decode_ms_per_token"],
                      "prefill_speedup": dense["prefill_ms"] / m["prefill_ms"] if dense else None,
                      "flop_speedup": 1 / flop, "kv_bytes": m["kv_bytes"]})
