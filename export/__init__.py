@@ -7,11 +7,20 @@ Python entry points used by tests and later stages:
   skip_ratio=None) -> logits, kept indices of every MoD layer, per-layer KV lengths
 * :func:`generate_from_embeds` (model, inputs_embeds, routable=..., routing=...,
   max_new_tokens=N) -> greedy tokens and per-layer KV lengths: the runtime's parity oracle.
+
+They load on first use, so importing the package (its command-line wiring, say) loads no torch.
 """
 
-from .checkpoint import load_checkpoint
-from .generate import GenerationOutput, LanguageOutput, forward_language, generate_from_embeds
-from .model import ROUTING_MODES, MoDLlava
+import importlib
 
-__all__ = ["load_checkpoint", "forward_language", "generate_from_embeds", "LanguageOutput",
-           "GenerationOutput", "MoDLlava", "ROUTING_MODES"]
+_EXPORTS = {"load_checkpoint": "checkpoint", "forward_language": "generate", "generate_from_embeds": "generate",
+            "LanguageOutput": "generate", "GenerationOutput": "generate", "MoDLlava": "model",
+            "ROUTING_MODES": "model"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
