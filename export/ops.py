@@ -26,7 +26,7 @@ DOMAIN = "gammamod"
 OPSET_VERSION = 1
 PLUGIN_NAMESPACE = "gammamod"
 PLUGIN_VERSION = "1"
-NODE_TYPES = ("MoDSelect", "MoDGather", "MoDScatter")
+NODE_TYPES = ("MoDSelect", "MoDSelectThreshold", "MoDGather", "MoDScatter")
 SHAPE_INPUTS = [2, 3]  # MoDSelect's span_length and capacity: TensorRT shape inputs
 
 
@@ -59,6 +59,29 @@ def mod_select(scores: torch.Tensor, span_start: torch.Tensor, span_length: int,
 def _(scores, span_start, span_length, k):
     b, t = scores.shape
     return scores.new_empty((b, t - span_length + k), dtype=torch.int64)
+
+
+@torch.library.custom_op("gammamod::mod_select_threshold", mutates_args=())
+def mod_select_threshold(scores: torch.Tensor, span_start: torch.Tensor, span_length: int, k: int,
+                         threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma-MoD's released inference in a static graph: :func:`mod_select`'s kept indices
+    [B, T - span_length + k], reordered so that the tokens the layer really processes come first,
+    ascending (the tokens outside the span, and the selected span tokens scoring above
+    ``threshold``), then the selected span tokens at or below it, ascending; and per row the count
+    of the first part [B]. The layer treats the rest as padding: skipped, no cache entry."""
+    kept = mod_select(scores, span_start, span_length, k)
+    start = span_start[:, None]
+    inside = (kept >= start) & (kept < start + span_length)
+    drop = inside & (torch.gather(scores, 1, kept).float() <= threshold)
+    width = kept.shape[1]
+    order = torch.argsort(drop.long() * width + torch.arange(width, device=kept.device), dim=1)
+    return torch.gather(kept, 1, order), (~drop).sum(1)
+
+
+@mod_select_threshold.register_fake
+def _(scores, span_start, span_length, k, threshold):
+    b, t = scores.shape
+    return scores.new_empty((b, t - span_length + k), dtype=torch.int64), span_start.new_empty((b,))
 
 
 @torch.library.custom_op("gammamod::mod_gather", mutates_args=())
@@ -108,6 +131,14 @@ def register_onnx_schemas() -> None:
                               fp("capacity", "tensor(int64)")],
                       outputs=[fp("kept", "tensor(int64)")], type_constraints=[("T", floats, "")],
                       attributes=plugin + [shape_inputs]),
+        defs.OpSchema("MoDSelectThreshold", DOMAIN, OPSET_VERSION,
+                      doc="Kept token indices of a MoD layer, those at or below a threshold last, and their count.",
+                      inputs=[fp("scores", "T"), fp("span_start", "tensor(int64)"), fp("span_length", "tensor(int64)"),
+                              fp("capacity", "tensor(int64)")],
+                      outputs=[fp("kept", "tensor(int64)"), fp("kept_count", "tensor(int64)")],
+                      type_constraints=[("T", floats, "")],
+                      attributes=plugin + [shape_inputs,
+                                           attr("threshold", defs.OpSchema.AttrType.FLOAT, "kept above this score")]),
         defs.OpSchema("MoDGather", DOMAIN, OPSET_VERSION, doc="Gather the kept tokens.",
                       inputs=[fp("x", "T"), fp("kept", "tensor(int64)")], outputs=[fp("y", "T")],
                       type_constraints=[("T", floats, "")], attributes=plugin),
@@ -136,14 +167,19 @@ def translation_table() -> dict:
         return gm.MoDSelect(scores, span_start, span_length, k, tensorrt_plugin_shape_input_indices=SHAPE_INPUTS,
                             **plugin)
 
+    def select_threshold(scores, span_start, span_length, k, threshold: float):
+        return gm.MoDSelectThreshold(scores, span_start, span_length, k, threshold=threshold,
+                                     tensorrt_plugin_shape_input_indices=SHAPE_INPUTS, _outputs=2, **plugin)
+
     def gather(x, kept):
         return gm.MoDGather(x, kept, **plugin)
 
     def scatter(x, kept, y):
         return gm.MoDScatter(x, kept, y, **plugin)
 
-    return {torch.ops.gammamod.mod_select.default: select, torch.ops.gammamod.mod_gather.default: gather,
-            torch.ops.gammamod.mod_scatter.default: scatter}
+    return {torch.ops.gammamod.mod_select.default: select,
+            torch.ops.gammamod.mod_select_threshold.default: select_threshold,
+            torch.ops.gammamod.mod_gather.default: gather, torch.ops.gammamod.mod_scatter.default: scatter}
 
 
 def function_protos(opset: int) -> list:
@@ -183,6 +219,23 @@ def function_protos(opset: int) -> list:
         return op.Where(op.Less(j, start), op.Expand(j, op.Shape(inner)),
                         op.Where(op.Less(j, op.Add(start, capacity)), from_top, after))
 
+    @onnxscript.script(gm, default_opset=op)
+    def MoDSelectThreshold(scores, span_start, span_length, capacity, threshold: float):
+        # MoDSelect's kept indices, then a stable partition: processed tokens first (a key of j),
+        # the selected span tokens at or below the threshold after them (a key of width + j)
+        kept = gm.MoDSelect(scores, span_start, span_length, capacity)
+        start = op.Unsqueeze(span_start, op.Constant(value_ints=[1]))
+        inside = op.And(op.GreaterOrEqual(kept, start), op.Less(kept, op.Add(start, span_length)))
+        low = op.LessOrEqual(op.Cast(op.GatherElements(scores, kept, axis=1), to=1), op.Constant(value_float=threshold))
+        drop = op.And(inside, low)
+        width = op.Reshape(op.Shape(kept, start=1, end=2), op.Constant(value_ints=[1]))
+        j = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(width), op.Constant(value_int=1)),
+                         op.Constant(value_ints=[0]))
+        key = op.Add(op.Mul(op.Cast(drop, to=7), width), j)
+        _, order = op.TopK(key, width, axis=-1, largest=0, sorted=1)
+        count = op.ReduceSum(op.Cast(op.Not(drop), to=7), op.Constant(value_ints=[1]), keepdims=0)
+        return op.GatherElements(kept, order, axis=1), count
+
     # Rows, not elements: GatherND/ScatterND index [B, K, ...] token rows, where the element-wise
     # GatherElements/ScatterElements would need an int64 index expanded to [B, K, H].
     @onnxscript.script(gm, default_opset=op)
@@ -200,23 +253,35 @@ def function_protos(opset: int) -> list:
         return op.ScatterND(x, index, y)
 
     protos = []
-    for fn in (MoDSelect, MoDGather, MoDScatter):
+    for fn in (MoDSelect, MoDSelectThreshold, MoDGather, MoDScatter):
         proto = fn.to_function_proto()
         # declared so the node's plugin attributes are valid on the function; the body ignores them
         proto.attribute.extend(["plugin_namespace", "plugin_version"]
-                               + (["tensorrt_plugin_shape_input_indices"] if fn is MoDSelect else []))
+                               + (["tensorrt_plugin_shape_input_indices"] if fn in (MoDSelect, MoDSelectThreshold)
+                                  else []))
         protos.append(proto)
     return protos
 
 
 def attach_functions(model) -> None:
-    """Add the function bodies for the node types a ``ModelProto`` uses (idempotent)."""
-    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    """Add the function bodies for the node types a ``ModelProto`` uses (idempotent; the
+    threshold selection's body calls MoDSelect's, so that one comes along)."""
+    used = {n.op_type for n in _nodes(model.graph) if n.domain == DOMAIN}
+    if "MoDSelectThreshold" in used:
+        used.add("MoDSelect")
     have = {(f.domain, f.name) for f in model.functions}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for proto in function_protos(opset):
         if proto.name in used and (DOMAIN, proto.name) not in have:
             model.functions.append(proto)
+
+
+def _nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == a.GRAPH:
+                yield from _nodes(a.g)
 
 
 def strip_functions(model) -> int:

@@ -241,6 +241,45 @@ def test_mod_select_per_row_spans_and_ties_everywhere():
         np.testing.assert_array_equal(select(scores, [33, 10], 576, k), ours)
 
 
+def test_threshold_selection_moves_low_scores_last():
+    """gamma-MoD's released inference in a static graph: the capacity's top-k, the selected span
+    tokens at or below the threshold moved after the ones the layer processes, and their count;
+    eager PyTorch and the ONNX body (which calls MoDSelect's) agree with a hand-computed case and
+    with each other on ties and on scores exactly at the threshold."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from gammamod.export.ops import attach_functions, mod_select_threshold, register_onnx_schemas
+
+    register_onnx_schemas()
+    node = helper.make_node("MoDSelectThreshold", ["s", "st", "n", "k"], ["kept", "count"], domain=DOMAIN,
+                            threshold=0.25)
+    graph = helper.make_graph([node], "t", [
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, None]),
+        helper.make_tensor_value_info("st", TensorProto.INT64, [None]),
+        helper.make_tensor_value_info("n", TensorProto.INT64, []), helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("kept", TensorProto.INT64, [None, None]),
+         helper.make_tensor_value_info("count", TensorProto.INT64, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)],
+                              ir_version=10)
+    attach_functions(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # by hand: span [1, 6) scores [0.9, 0.1, 0.25, 0.7, 0.2], k = 4 keeps 1, 3, 4, 5 (0.1 is dropped by
+    # the top-k); 0.25 and 0.2 are at or below the threshold: processed 0, 1, 4, 6; then 3, 5
+    scores = np.array([[0.0, 0.9, 0.1, 0.25, 0.7, 0.2, 0.0]], np.float32)
+    kept, count = mod_select_threshold(torch.from_numpy(scores), torch.tensor([1]), 5, 4, 0.25)
+    assert kept.tolist() == [[0, 1, 4, 6, 3, 5]] and count.tolist() == [4]
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        s = (np.round(rng.random((2, 30)) * 4) / 4).astype(np.float32)  # ties and exact 0.25s
+        st, n = rng.integers(0, 10, 2), int(rng.integers(0, 21))
+        k = int(rng.integers(0, n + 1))
+        ek, ec = mod_select_threshold(torch.from_numpy(s), torch.from_numpy(st), n, k, 0.25)
+        bk, bc = session.run(None, {"s": s, "st": st, "n": np.array(n), "k": np.array(k)})
+        assert np.array_equal(bk, ek.numpy()) and np.array_equal(bc, ec.numpy()), trial
+
+
 @pytest.mark.parametrize("version", ["10.3", "11.x"])
 def test_tensorrt_copies_parse_and_hold_one_set_of_weights(art_gamma, version):
     from gammamod.engines.lint import lint_artifact
