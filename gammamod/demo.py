@@ -7,7 +7,10 @@
    and check the exported decoder on ONNX Runtime against the PyTorch static mode;
 4. generate through the torch-free runtime (a batch of two prompts about the image, and a chat
    turn that reuses the cached image): time to first token, tokens/s, KV cache per layer;
-5. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+5. one artifact, several prompt layouts: a custom system prompt and text before the image move
+   the routed span; the runtime finds it and answers as PyTorch does;
+6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
+7. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
 """
 
@@ -46,9 +49,23 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _reference_table(checkpoints, image)
     artifacts = _export_table(workdir, checkpoints, image, fresh)
     _runtime_table(artifacts, image)
+    _layouts_table(checkpoints, artifacts, image)
+    _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
         _bench_size(workdir, image, fresh)
     return 0
+
+
+def _current(artifact: Path) -> bool:
+    """An artifact this gammamod reads (a re-run reuses it; one of an older schema is re-exported)."""
+    from gammamod.errors import GammamodError
+    from gammamod.manifest import read_manifest
+
+    try:
+        read_manifest(artifact)
+        return True
+    except GammamodError:
+        return False
 
 
 def _checkpoint(workdir: Path, recipe: str, fresh: bool) -> Path:
@@ -97,7 +114,7 @@ def _export_table(workdir: Path, checkpoints: dict[str, Path], image: Path, fres
     artifacts = {}
     for recipe, ckpt in checkpoints.items():
         art = workdir / f"artifact-{recipe}"
-        if fresh or not (art / "manifest.json").is_file():
+        if fresh or not _current(art):
             t0 = time.perf_counter()
             with StageProgress(f"export {recipe}") as progress:
                 export_artifact(ckpt, art, ExportOptions(force=True, tensorrt=["10.3"]), progress=progress)
@@ -150,6 +167,100 @@ def _runtime_table(artifacts: dict[str, Path], image: Path) -> None:
     console.print(table)
 
 
+LAYOUTS = [("default prompt", DEMO_PROMPT, None),
+           ("own system prompt", DEMO_PROMPT, "You are a terse assistant. Answer in a few words."),
+           ("text before the image", "Look closely at this photo: <image>\nWhat is in it?", None)]
+
+
+def _layouts_table(checkpoints: dict[str, Path], artifacts: dict[str, Path], image: Path) -> None:
+    """One exported artifact per recipe answers prompts whose routed span sits elsewhere, with the
+    kept counts computed for each span, and the tokens PyTorch's static mode gives."""
+    import torch
+    from rich.table import Table
+
+    from gammamod.export import generate_from_embeds, load_checkpoint
+    from gammamod.export.generate import prepare_prompts
+    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.pipeline import Pipeline
+    from gammamod.runtime.prompt import VICUNA_V1
+    from gammamod.runtime.tokenizer import Tokenizer
+
+    table = Table(title="4. One artifact, several prompt layouts: the runtime finds the routed span in each prompt "
+                        "and computes the kept counts for it (12 greedy tokens)")
+    for col in ("recipe", "layout", "routed span (start, length)", "kept per MoD layer", "answer", "= PyTorch"):
+        table.add_column(col, overflow="fold")
+    for recipe, art in artifacts.items():
+        pipe = Pipeline.load(art)
+        model = load_checkpoint(checkpoints[recipe])
+        tok = Tokenizer.from_dir(checkpoints[recipe])
+        pixels = torch.from_numpy(ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
+                                  .batch([load_image(image)]))
+        for name, question, system in LAYOUTS:
+            prepared = pipe.prepare([image], [question], system=system)
+            start, length = prepared.routable[0]
+            counts = pipe.generator(1).kept_counts(length)
+            [got] = pipe.generate([image], [question], max_new_tokens=12, system=system)
+            batch = prepare_prompts(model, tok, [VICUNA_V1.prompt(question, system=system)], pixels)
+            ref = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, max_new_tokens=12,
+                                       eos_token_id=tok.eos_id)
+            same = got.tokens == [t for t in ref.tokens[0].tolist() if t != tok.eos_id]
+            table.add_row(recipe, name, f"({start}, {length})", f"{min(counts.values())}..{max(counts.values())}",
+                          repr(got.text[:24]), "identical" if same else "DIFFER")
+    console.print(table)
+
+
+def _refusals_table(workdir: Path, checkpoints: dict[str, Path], artifacts: dict[str, Path]) -> None:
+    """Real attempts, each answered in one line, with what they leave behind checked."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from rich.table import Table
+
+    from gammamod.errors import GammamodError
+    from gammamod.export.exporter import ExportOptions, export_artifact
+    from gammamod.runtime.image import load_image
+    from gammamod.runtime.pipeline import Pipeline
+
+    scratch = workdir / "refusals"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    ckpt = checkpoints["gamma-mod"]
+    before = sorted(p.name for p in ckpt.iterdir())
+    edited = scratch / "edited-artifact"
+    shutil.copytree(artifacts["gamma-mod"], edited)
+    data = json.loads((edited / "manifest.json").read_text())
+    data["routing"]["capacity"]["overrides"] = {"3": {"fraction": "1.5"}}
+    (edited / "manifest.json").write_text(json.dumps(data))
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(scratch / "gray16.png")
+    cases = [
+        ("export the checkpoint over itself (--force)",
+         lambda: export_artifact(ckpt, ckpt, ExportOptions(force=True))),
+        ("export over a folder of the user's (--force)",
+         lambda: export_artifact(ckpt, scratch, ExportOptions(force=True))),
+        ("load a manifest edited to keep 150% of the span", lambda: Pipeline.load(edited)),
+        ("sample at temperature NaN",
+         lambda: Pipeline.load(artifacts["gamma-mod"]).generate(None, ["hi"], temperature=float("nan"))),
+    ]
+    table = Table(title="5. What gammamod refuses (real attempts; each is one line and leaves every file as it was)")
+    for col in ("attempt", "answer"):
+        table.add_column(col, overflow="fold")
+    for what, attempt in cases:
+        try:
+            attempt()
+            answer = "ACCEPTED (a bug)"
+        except GammamodError as e:
+            answer = str(e)
+        table.add_row(what, answer)
+    gray = np.asarray(load_image(scratch / "gray16.png"))[..., 0]
+    table.add_row("read a 16-bit grayscale PNG (Pillow alone makes it 99% white)",
+                  f"scaled to 8 bits: mean {gray.mean():.0f} of 255, as the image's mean {ramp.mean() / 257:.0f}")
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
+    console.print(table)
+
+
 def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     from rich.markdown import Markdown
 
@@ -162,10 +273,10 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     if fresh or not (ckpt / "config.json").is_file():
         with stage_progress("make-tiny p-mod --size bench") as tick:
             make_tiny(ckpt, "p-mod", size="bench", seed=0, shard_mb=200, force=True, progress=tick)
-    if fresh or not (art / "manifest.json").is_file():
+    if fresh or not _current(art):
         with StageProgress("export bench-size p-mod") as progress:
             export_artifact(ckpt, art, ExportOptions(force=True), progress=progress)
-    console.print("[bold]4. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
+    console.print("[bold]6. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
     with StageProgress("validate") as progress:
         report = run_validate(art, ckpt, samples=2, steps=8, progress=progress)
     write_report(report, workdir / "bench-validate.json")

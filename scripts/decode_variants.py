@@ -1,6 +1,6 @@
 """Decode speed of one artifact on ONNX Runtime CPU with the runtime's decode graph choices, each
 in its own process (its own peak memory): the fused graph with shared weights (the default), the
-portable decode.onnx, and the fused graph with ORT's weight pre-packing (per-session weights).
+portable decoder.onnx, and the fused graph with ORT's weight pre-packing (per-session weights).
 
     .venv/bin/python scripts/decode_variants.py ARTIFACT [--tokens 32] [--repeats 5]
 
@@ -17,7 +17,7 @@ import sys
 
 VARIANTS = {
     "fused decode.ort.onnx, shared weights (default)": {},
-    "portable decode.onnx, shared weights": {"fused": False},
+    "portable decoder.onnx, shared weights": {"fused": False},
     "fused decode.ort.onnx, pre-packed per-session weights": {"share_weights": False},
 }
 
