@@ -133,7 +133,7 @@ def build_script(plan: dict, build_args: list[str], has_image: bool) -> str:
             lines.append("  " + " ".join(trtexec_command(plan, kind, None)))
     lines += [
         '  echo "engines built with trtexec; the runtime reads engines that gammamod build recorded in manifest.json:"',
-        '  echo "install gammamod and TensorRT's Python package to build and run them with gammamod"; exit 0',
+        "  echo 'install gammamod and the TensorRT Python package to build and run them with gammamod'; exit 0",
         "fi",
         "",
         "# 3. a smoke generation: prints time to first token and tokens/s",
@@ -169,9 +169,9 @@ def write_bundle(artifact, out, opts: BuildOptions, force: bool = False) -> dict
         for src in library_sources():
             shutil.copy2(src, tmp / "plugins" / src.name)
         if has_image:
-            from gammamod.demo import test_image
+            from importlib import resources
 
-            shutil.copy2(test_image(), tmp / "smoke.png")
+            shutil.copy2(str(resources.files("gammamod") / "assets" / "test_image.png"), tmp / "smoke.png")
         build_args = ["--target", plan["target"]["name"], "--precision", plan["precision"], "--max-batch",
                       str(plan["max_batch"]), "--max-seq", str(plan["max_seq"]), "--opt-level",
                       str(plan["options"]["opt_level"]), "--workspace", str(plan["options"]["workspace_mib"]),

@@ -37,7 +37,7 @@ def _span_lengths(text: str) -> list[int]:
 def _options(args, target: str):
     from gammamod.engines.plan import BuildOptions
 
-    return BuildOptions(target=target, precision=args.precision, tensorrt=args.tensorrt, max_batch=args.max_batch,
+    return BuildOptions(target=target, requested_precision=args.requested_precision, tensorrt=args.tensorrt, max_batch=args.max_batch,
                         max_seq=args.max_seq, span_lengths=_span_lengths(args.span_lengths) if args.span_lengths else None,
                         timing_cache=args.timing_cache, opt_level=args.opt_level, workspace_mib=args.workspace,
                         hardware_compat=args.hardware_compat, version_compatible=args.version_compatible,
@@ -122,7 +122,7 @@ def cmd_bundle(args) -> int:
 def _build_options(p, targets) -> None:
     p.add_argument("--target", required=True, choices=targets, metavar="NAME",
                    help=f"the GPU: {', '.join(targets)}")
-    p.add_argument("--precision", choices=PRECISIONS,
+    p.add_argument("--precision", dest="requested_precision", choices=PRECISIONS,
                    help="default: the artifact's dtype (fp8/int8/int4 take the Q/DQ artifact the calib stage writes)")
     p.add_argument("--tensorrt", choices=tuple(TARGETS), help="TensorRT the plan is for (default: the target's; a real "
                                                               "build uses the installed one)")

@@ -32,8 +32,9 @@ from .targets import DEVICES, QUANTIZED, TARGETS, Device, check_precision
 GIB, MIB = 1 << 30, 1 << 20
 PROMPT_TEXT_TOKENS = 64  # a prompt's text around its image: the prefill profile's opt length
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
-# bytes per weight element at each build precision: matrices (2-D and larger) and the rest (norms,
-# biases). Quantized builds keep the rest in fp16; int4 adds one fp16 scale per block of 128.
+# bytes per weight element at each build precision: MatMul weights (2-D ``*.weight``) and the rest
+# (norms, biases, RoPE tables). Quantized builds keep the rest in fp16; int4 adds one fp16 scale per
+# block of 128.
 INT4_BLOCK = 128
 WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "bf16": (2, 2), "fp8": (1, 2), "int8": (1, 2),
                 "int4": (0.5 + 2 / INT4_BLOCK, 2)}
@@ -44,7 +45,7 @@ MOD_OPS = ("plugin", "native")
 @dataclass
 class BuildOptions:
     target: str
-    precision: str | None = None  # default: the artifact's dtype
+    requested_precision: str | None = None  # default: the artifact's dtype
     tensorrt: str | None = None  # parser version (10.3, 10.x, 11.x); default: the target's first
     max_batch: int | None = None  # default: the artifact's
     max_seq: int | None = None
@@ -143,14 +144,14 @@ def weight_bytes(manifest, precision: str) -> dict[str, int]:
             continue
         total = 0.0
         for file in graph.get("weights", []):
-            for _, _, dtype, shape in manifest["weights"][file].values():
+            for name, (_, _, dtype, shape) in manifest["weights"][file].items():
                 if dtype not in DTYPE_BYTES or dtype.startswith("int"):
                     continue
                 elements = math.prod(shape)
                 if precision in QUANTIZED and kind == "vision":
                     total += elements * 2  # quantization is the decoder's: the tower stays fp16
-                else:
-                    total += elements * (matrix if len(shape) >= 2 else other)
+                else:  # MatMul weights take the precision; norms, biases and RoPE tables stay
+                    total += elements * (matrix if len(shape) >= 2 and ".weight" in name else other)
         out[kind] = int(math.ceil(total))
     return out
 
@@ -213,7 +214,7 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
     model, kv = manifest["model"], manifest["kv_cache"]
     quantized = (manifest.get("quantization") or {}).get("precision")
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[model["dtype"]]
-    precision = opts.precision or quantized or short
+    precision = opts.requested_precision or quantized or short
     typing = check_precision(dev, precision, tensorrt, model["dtype"], quantized)
     if opts.mod_ops not in MOD_OPS:
         raise GammamodError(f"--mod-ops {opts.mod_ops!r}: expected plugin or native")
