@@ -301,14 +301,18 @@ def _dims(d) -> str:
 
 
 def _collapse(profile: dict):
-    """Per-layer inputs with equal ranges shown once (``past_key.0-3``), in graph order."""
-    rows, prev = [], None
+    """Per-layer inputs with equal ranges in consecutive layers shown once (``past_key.0-2``),
+    grouped by name in the graph's order."""
+    stems: dict[str, list] = {}
     for name, e in profile.items():
         stem, _, idx = name.rpartition(".")
-        if prev and idx.isdigit() and prev[0] == stem and prev[2] == e and int(idx) == prev[3] + 1:
-            prev[3] = int(idx)
-            continue
-        prev = [stem, int(idx) if idx.isdigit() else None, e, int(idx) if idx.isdigit() else None, name]
-        rows.append(prev)
-    for stem, first, e, last, name in rows:
-        yield (name if first is None or first == last else f"{stem}.{first}-{last}"), e
+        if not idx.isdigit():
+            stem, idx = name, None
+        runs = stems.setdefault(stem, [])
+        if idx is not None and runs and runs[-1][2] == e and runs[-1][1] == int(idx) - 1:
+            runs[-1][1] = int(idx)
+        else:
+            runs.append([None if idx is None else int(idx), None if idx is None else int(idx), e])
+    for stem, runs in stems.items():
+        for first, last, e in runs:
+            yield (stem if first is None else f"{stem}.{first}" if first == last else f"{stem}.{first}-{last}"), e

@@ -11,7 +11,9 @@
    the routed span; the runtime finds it and answers as PyTorch does;
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
 7. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
-   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
+   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart;
+8. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
+   device memory next to the dense twin's) and a bundle for the Orin (with 7.: the bench-size model too).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
         _bench_size(workdir, image, fresh)
+    from gammamod.engines.demo import engines_step
+
+    engines_step({**artifacts, **({} if quick else {"bench-size p-mod": workdir / "bench-artifact-p-mod"})}, workdir)
     return 0
 
 
