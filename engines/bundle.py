@@ -164,7 +164,7 @@ def write_bundle(artifact, out, opts: BuildOptions, force: bool = False) -> dict
             for form in forms:
                 name = copy_name(manifest.graph(kind)["file"], plan["tensorrt"], form)
                 onnx.save(checked_copy(manifest, kind, plan["tensorrt"], form), str(tmp / name))
-                copies[f"{kind}.{form}" if len(forms) > 1 else kind] = name
+                copies[kind if form == "plugin" else f"{kind}_native"] = name
         (tmp / "plugins").mkdir()
         for src in library_sources():
             shutil.copy2(src, tmp / "plugins" / src.name)

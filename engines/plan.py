@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from gammamod.errors import GammamodError
 from gammamod.runtime.kvcache import MIN_WINDOW
 
-from .targets import DEVICES, QUANTIZED, TARGETS, Device, check_precision
+from .targets import DEVICES, QUANTIZED, SHORT_DTYPE, TARGETS, Device, check_precision
 
 GIB, MIB = 1 << 30, 1 << 20
 PROMPT_TEXT_TOKENS = 64  # a prompt's text around its image: the prefill profile's opt length
@@ -213,8 +213,7 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
         raise GammamodError(f"--tensorrt {tensorrt}: {dev.name} runs TensorRT {' or '.join(dev.tensorrt)}")
     model, kv = manifest["model"], manifest["kv_cache"]
     quantized = (manifest.get("quantization") or {}).get("precision")
-    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[model["dtype"]]
-    precision = opts.requested_precision or quantized or short
+    precision = opts.requested_precision or quantized or SHORT_DTYPE[model["dtype"]]
     typing = check_precision(dev, precision, tensorrt, model["dtype"], quantized)
     if opts.mod_ops not in MOD_OPS:
         raise GammamodError(f"--mod-ops {opts.mod_ops!r}: expected plugin or native")
@@ -234,6 +233,13 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < max_seq:
             raise GammamodError(f"--span-lengths: {n!r} must be a span length in [1, {max_seq})")
     caps, counts = _capacities(manifest, max_seq, span_lengths)
+    if routed and opts.mod_ops == "native":
+        from .targets import TOPK_MAX_K
+
+        widest = max((k for c in counts.values() for k in c.values()), default=0)
+        if widest >= TOPK_MAX_K:
+            raise GammamodError(f"--mod-ops native: a MoD layer keeps {widest} tokens, and TensorRT's TopK takes "
+                                f"K < {TOPK_MAX_K}: use --mod-ops plugin or shorter --span-lengths")
     uses_ops = routed and opts.mod_ops == "plugin"
     onnx_name = lambda kind: manifest.graph(kind)["file"].replace(  # noqa: E731
         ".onnx", f".trt{tensorrt}{'.native' if opts.mod_ops == 'native' and kind == 'decoder' else ''}.onnx")

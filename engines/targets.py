@@ -83,6 +83,7 @@ def target(name: str) -> Target:
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 QUANTIZED = ("fp8", "int8", "int4")  # need the Q/DQ artifact the calib stage writes
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # manifest dtype -> precision
 _DATACENTER = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
@@ -150,7 +151,7 @@ def check_precision(dev: Device, precision: str, tensorrt: str, artifact_dtype: 
     ``artifact_dtype`` (quantized: the precision of its Q/DQ nodes, or None). Returns how:
     ``strong`` (the ONNX's own types) or ``flag`` (TensorRT 10's builder flag on an fp32 graph);
     refuses in one line otherwise."""
-    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[artifact_dtype]
+    short = SHORT_DTYPE[artifact_dtype]
     if precision not in PRECISIONS:
         raise GammamodError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision not in dev.precisions:

@@ -108,6 +108,7 @@ def test_plan_profiles_from_the_artifact(art_gamma):
     assert small["kv_capacity"][3] == 512 - min(40 - 20, SPAN - KEPT)  # the smallest skip bounds the capacity
     with pytest.raises(GammamodError, match="--max-seq 4096: the artifact was exported for at most 2048"):
         make_plan(manifest, BuildOptions(target="h100", max_seq=4096))
+    assert make_plan(manifest, BuildOptions(target="h100", mod_ops="native"))["plugin"] is None
     with pytest.raises(GammamodError, match="same-cc needs TensorRT 10.9"):
         make_plan(manifest, BuildOptions(target="orin-jp6", hardware_compat="same-cc"))
 
@@ -256,8 +257,10 @@ def test_bundle_for_orin(art_gamma, tmp_path):
     assert proc.returncode == 0, proc.stderr
     bundle = read_manifest(out)
     bundle.verify_files()
-    assert bundle["tensorrt"]["targets"]["10.3"]["decoder.plugin"] == "decoder.trt10.3.onnx"
-    assert bundle["tensorrt"]["targets"]["10.3"]["decoder.native"] == "decoder.trt10.3.native.onnx"
+    assert bundle["tensorrt"]["targets"]["10.3"]["decoder"] == "decoder.trt10.3.onnx"
+    assert bundle["tensorrt"]["targets"]["10.3"]["decoder_native"] == "decoder.trt10.3.native.onnx"
+    lint = _gammamod("check-onnx", out, "--tensorrt", "10.3")
+    assert lint.returncode == 0 and "decoder.trt10.3.onnx" in lint.stdout, lint.stdout
     assert not _ours(onnx.load(str(out / "decoder.trt10.3.native.onnx"), load_external_data=False))
     plugin_copy = onnx.load(str(out / "decoder.trt10.3.onnx"), load_external_data=False)
     assert _ours(plugin_copy) and not plugin_copy.functions
