@@ -168,7 +168,8 @@ def build_engines(manifest, plan: dict, gpu, force: bool = False, plugin_library
                 library = build_plugin_library(tmp, plan["target"]["cuda_architecture"])
         builder = _Builder(trt, plan, library)
         for kind, eng in plan["engines"].items():
-            model = checked_copy(manifest, kind, plan["tensorrt"], plan["mod_ops"] if kind == "decoder" else "plugin")
+            form = plan["mod_ops"] if kind == "decoder" and plan["mod_ops"] != "none" else "plugin"
+            model = checked_copy(manifest, kind, plan["tensorrt"], form)
             data = builder.build(model, manifest.path(manifest.graph(kind)["file"]), eng["profiles"])
             (tmp / Path(eng["file"]).name).write_bytes(data)
         builder.save_timing_cache()
@@ -178,7 +179,7 @@ def build_engines(manifest, plan: dict, gpu, force: bool = False, plugin_library
             "hardware_compatibility": HARDWARE_LEVEL[plan["options"]["hardware_compat"]],
             "version_compatible": plan["options"]["version_compatible"],
             "precision": plan["precision"], "typing": plan["typing_mode"],
-            "mod_ops": plan["mod_ops"] if plan["mod_ops"] in ("plugin", "native") else "none",
+            "mod_ops": plan["mod_ops"],
             "plugin": None if library is None else {**plan["plugin"], "sha256": sha256_of(library)},
             "files": {kind: eng["file"] for kind, eng in plan["engines"].items()},
             "profiles": {kind: eng["profiles"] for kind, eng in plan["engines"].items()},

@@ -209,7 +209,7 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
 
         dev = device(opts.target)
     tensorrt = opts.tensorrt or dev.tensorrt[0]
-    if tensorrt not in dev.tensorrt:
+    if tensorrt not in dev.tensorrt and not (tensorrt == "10.3" and "10.x" in dev.tensorrt):
         raise GammamodError(f"--tensorrt {tensorrt}: {dev.name} runs TensorRT {' or '.join(dev.tensorrt)}")
     model, kv = manifest["model"], manifest["kv_cache"]
     quantized = (manifest.get("quantization") or {}).get("precision")
@@ -241,8 +241,10 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
             raise GammamodError(f"--mod-ops native: a MoD layer keeps {widest} tokens, and TensorRT's TopK takes "
                                 f"K < {TOPK_MAX_K}: use --mod-ops plugin or shorter --span-lengths")
     uses_ops = routed and opts.mod_ops == "plugin"
-    onnx_name = lambda kind: manifest.graph(kind)["file"].replace(  # noqa: E731
-        ".onnx", f".trt{tensorrt}{'.native' if opts.mod_ops == 'native' and kind == 'decoder' else ''}.onnx")
+    from .prepare import copy_name
+
+    form = opts.mod_ops if routed else "plugin"  # a dense artifact has no MoD nodes: one form
+    onnx_name = lambda kind: copy_name(manifest.graph(kind)["file"], tensorrt, form if kind == "decoder" else "plugin")  # noqa: E731
     engines = {"decoder": {"onnx": onnx_name("decoder"), "file": "engines/decoder.engine",
                            "profiles": decoder_profiles(manifest, max_batch, max_seq, span_lengths, caps, counts)}}
     if manifest.graph("vision") is not None:
@@ -260,7 +262,7 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
         "tensorrt": tensorrt, "precision": precision,
         "typing": "strong (types from the ONNX)" if typing == "strong" else f"weak (builder flag {precision.upper()})",
         "typing_mode": typing,
-        "mod_ops": opts.mod_ops if routed else "none (dense)", "plugin": plugin,
+        "mod_ops": opts.mod_ops if routed else "none", "plugin": plugin,
         "max_batch": max_batch, "max_seq": max_seq, "span_lengths": span_lengths,
         "kept_counts": {str(n): {str(k): v for k, v in c.items()} for n, c in counts.items()},
         "kv_capacity": caps,

@@ -18,30 +18,43 @@ import onnx
 import onnx.inliner
 
 from gammamod.errors import GammamodError
-from gammamod.export import ops
 
 from .lint import lint_graph
 from .targets import target
 
 
-def tensorrt_copy(model: onnx.ModelProto, version: str, mod_ops: str = "plugin") -> onnx.ModelProto:
+def _all_nodes(graph: onnx.GraphProto):
+    """Nodes of ``graph`` and of its subgraphs (If branches)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == a.GRAPH:
+                yield from _all_nodes(a.g)
+
+
+def tensorrt_copy(model: onnx.ModelProto, version: str, mod_ops: str = "plugin",
+                  domain: str = "gammamod") -> onnx.ModelProto:
+    """The copy TensorRT ``version`` parses; ``domain`` is our nodes' (the manifest's
+    ``tensorrt.plugin.domain``). Reads no torch: the engines stage runs where the runtime does."""
     tgt = target(version)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     if mod_ops == "native":
-        ours = [(f.domain, f.name) for f in copy.functions if f.domain == ops.DOMAIN]
+        ours = [(f.domain, f.name) for f in copy.functions if f.domain == domain]
         inlined = onnx.inliner.inline_selected_functions(copy, ours)
         copy = onnx.ModelProto()
         copy.CopyFrom(inlined)
-        left = [n.op_type for n in ops._nodes(copy.graph) if n.domain == ops.DOMAIN]
+        left = [n.op_type for n in _all_nodes(copy.graph) if n.domain == domain]
         if left:
             raise GammamodError(f"--mod-ops native: {left[0]} nodes have no function body to inline (the graph was "
                                 "written without them)")
         del copy.opset_import[:]
-        copy.opset_import.extend(o for o in inlined.opset_import if o.domain != ops.DOMAIN)
+        copy.opset_import.extend(o for o in inlined.opset_import if o.domain != domain)
     elif mod_ops != "plugin":
         raise GammamodError(f"--mod-ops {mod_ops!r}: expected plugin or native")
-    ops.strip_functions(copy)
+    keep = [f for f in copy.functions if f.domain != domain]  # our bodies would shadow the plugin
+    del copy.functions[:]
+    copy.functions.extend(keep)
     if copy.ir_version > tgt.max_ir_version:
         copy.ir_version = tgt.max_ir_version  # our graphs use no feature of later IR versions
     return copy
@@ -56,7 +69,7 @@ def checked_copy(manifest, kind: str, version: str, mod_ops: str = "plugin") -> 
     lint errors."""
     graph = manifest.graph(kind)
     model = onnx.load(str(manifest.path(graph["file"])), load_external_data=False)
-    copy = tensorrt_copy(model, version, mod_ops)
+    copy = tensorrt_copy(model, version, mod_ops, manifest["tensorrt"]["plugin"]["domain"])
     name = copy_name(graph["file"], version, mod_ops)
     errors = [f for f in lint_graph(copy, target(version), name) if f.severity == "error"]
     if errors:

@@ -354,3 +354,13 @@ def test_manifest_engines_section(art_gamma, tmp_path):
         (art / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(GammamodError, match=fragment):
             read_manifest(art)
+
+
+def test_plan_and_bundle_load_no_torch(art_gamma, tmp_path):
+    """A Jetson has the runtime, not torch: planning, preparing copies and bundling import none."""
+    code = (f"import sys; from gammamod.engines.bundle import write_bundle; from gammamod.engines.plan import BuildOptions; "
+            f"write_bundle({str(art_gamma)!r}, {str(tmp_path / 'b')!r}, BuildOptions(target='thor-jp7', mod_ops='native')); "
+            f"assert 'torch' not in sys.modules, 'torch loaded'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "decoder.trt10.x.native.onnx").is_file()

@@ -227,7 +227,11 @@ class TensorRTBackend(Backend):
         return TrtRunner(kind, engine, self.trt, self.cuda, self.stream, list(engines["profiles"][kind]))
 
     def kv_store(self, layers, batch, kv_heads, head_dim, max_seq, dtype, full=False):
-        capacity = self.manifest["engines"]["kv_capacity"]
+        engines = self.manifest["engines"]
+        if batch > engines["max_batch"]:
+            raise GammamodError(f"batch of {batch}: the engines were built for at most {engines['max_batch']} rows "
+                                "(gammamod build --max-batch)")
+        capacity = engines["kv_capacity"]
         return DeviceKVCache(self.cuda, self.stream, layers, batch, kv_heads, head_dim, max_seq, dtype, capacity)
 
     def describe(self) -> str:
@@ -278,9 +282,9 @@ class DeviceKVCache:
 
         cap = self.capacity[layer]
         if needed > cap and cap < self.max_seq:
-            raise GammamodError(f"the sequence needs {needed} cache entries in MoD layer {layer}, which holds {cap} (its "
-                                "kept share at the engines' span lengths): rebuild the engines with shorter "
-                                "--span-lengths or a smaller prompt")
+            raise GammamodError(f"the sequence needs {needed} cache entries in layer {layer}, whose engine KV capacity is "
+                                f"{cap} (the build's --max-seq, less a MoD layer's skipped share at its span lengths): "
+                                "shorten the request or rebuild the engines with a larger --max-seq")
         old = self.windows[layer]
         new = grown_window(layer, old, needed, cap)
         if new is None:
