@@ -2,8 +2,9 @@
 
 Per TensorRT version: the MoD ops' function bodies are stripped (the safe rule: from 10.0 to
 10.6 a local function named like the plugin is used instead of it, and a plugin-bound copy
-needs none), the IR version is lowered to what that version's parser reads, and the copy is
-linted. The copies share the artifact's weights file: no weight is written twice.
+needs none), the selection nodes get their span values as execution inputs too (below), the
+IR version is lowered to what that version's parser reads, and the copy is linted. The copies
+share the artifact's weights file: no weight is written twice.
 """
 
 from __future__ import annotations
@@ -17,11 +18,36 @@ from .lint import lint_graph
 from .targets import target
 
 
+SELECT_NODES = ("MoDSelect", "MoDSelectThreshold")
+
+
+def _nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(a.g)
+
+
+def pass_span_values(model: onnx.ModelProto) -> int:
+    """Give every selection node its span length and kept count (inputs 2 and 3, TensorRT shape
+    inputs) a second time, as inputs 4 and 5: TensorRT hands a plugin's shape inputs to
+    getOutputShapes only, never to enqueue, and the kernel needs N and k, not just T - N + k.
+    The same tensor may be both a shape and an execution tensor. Returns the nodes changed."""
+    changed = 0
+    for node in _nodes(model.graph):
+        if node.domain == ops.DOMAIN and node.op_type in SELECT_NODES and len(node.input) == 4:
+            node.input.extend([node.input[2], node.input[3]])
+            changed += 1
+    return changed
+
+
 def tensorrt_copy(model: onnx.ModelProto, version: str) -> onnx.ModelProto:
     tgt = target(version)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     ops.strip_functions(copy)
+    pass_span_values(copy)
     if copy.ir_version > tgt.max_ir_version:
         copy.ir_version = tgt.max_ir_version  # our graphs use no feature of later IR versions
     return copy
