@@ -12,6 +12,7 @@ import torch
 from gammamod.engines.kernels import run_cpu
 from gammamod.errors import GammamodError
 from gammamod.export import ops
+from mod_nodes import THRESHOLD, selection_model
 
 # p-MoD's kept counts for Vicuna-7B's 24 MoD layers and a 576-token image (tests/test_recipes.py)
 PMOD_7B_K = [486, 464, 440, 414, 388, 360, 331, 302, 273, 244, 215, 187, 161, 135, 111, 89] + [86] * 8
@@ -145,27 +146,13 @@ def test_gather_unaligned_rows():
 def test_select_matches_the_onnx_function_bodies():
     """The kernels against ONNX Runtime running MoDSelect / MoDSelectThreshold's function bodies
     (what the exported graphs run on CPU), including ties and per-row spans."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
-    def session(op_type, outputs):
-        node = helper.make_node(op_type, ["scores", "span_start", "n", "k"], outputs, domain=ops.DOMAIN,
-                                **({"threshold": 0.5} if op_type == "MoDSelectThreshold" else {}))
-        graph = helper.make_graph(
-            [node], "g",
-            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "T"]),
-             helper.make_tensor_value_info("span_start", TensorProto.INT64, ["B"]),
-             helper.make_tensor_value_info("n", TensorProto.INT64, []),
-             helper.make_tensor_value_info("k", TensorProto.INT64, [])],
-            [helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in outputs])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                        helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
-        ops.attach_functions(model)
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    def session(op_type):
+        return ort.InferenceSession(selection_model(op_type).SerializeToString(), providers=["CPUExecutionProvider"])
 
-    select = session("MoDSelect", ["kept"])
-    threshold = session("MoDSelectThreshold", ["kept", "count"])
+    select = session("MoDSelect")
+    threshold = session("MoDSelectThreshold")
     rng = np.random.default_rng(6)
     cases = [(rng.standard_normal((3, 50)), [0, 7, 20], 30, 11),
              (rng.integers(0, 3, size=(2, 80)) * 0.5, [10, 0], 70, 33),  # ties
@@ -176,9 +163,9 @@ def test_select_matches_the_onnx_function_bodies():
         feeds = {"scores": inputs["scores"], "span_start": inputs["span_start"], "n": inputs["span_length"],
                  "k": inputs["capacity"]}
         np.testing.assert_array_equal(run_cpu("MoDSelect", inputs), select.run(None, feeds)[0])
-        for got, want in zip(run_cpu("MoDSelectThreshold", inputs, {"threshold": 0.5}), threshold.run(None, feeds)):
-            np.testing.assert_array_equal(got, want)
-    assert onnx  # the function bodies are built with onnx / onnxscript
+        got = run_cpu("MoDSelectThreshold", inputs, {"threshold": THRESHOLD})
+        for mine, theirs in zip(got, threshold.run(None, feeds)):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def test_plugin_attributes_are_accepted():
@@ -206,3 +193,15 @@ def test_bad_input_is_one_line(op_type, inputs, attrs, message):
     with pytest.raises(GammamodError) as err:
         run_cpu(op_type, inputs, attrs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_kernels_keep_what_onnx_runtime_keeps(art_pmod, art_gamma, test_image_path):
+    """The demo's step: the decoder on ONNX Runtime for two prompts about an image, and the kernels
+    on every MoD layer's real router scores (B = 2)."""
+    from gammamod.engines.demo import kernels_match_graph
+
+    for artifact in (art_pmod, art_gamma):
+        checks = kernels_match_graph(artifact, [test_image_path] * 2,
+                                     ["What is in the picture?", "Describe the colours, please."])
+        assert checks and all(c.batch == 2 and 0 < c.kept < c.span_length for c in checks)
+        assert [c.node for c in checks if not c.identical] == []

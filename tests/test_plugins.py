@@ -18,6 +18,7 @@ from gammamod.engines import plugin_library
 from gammamod.engines.kernels import harness
 from gammamod.engines.prepare import pass_span_values, tensorrt_copy
 from gammamod.export import ops
+from mod_nodes import selection_model
 
 PROBE = Path(__file__).with_name("plugin_probe.cpp")
 # Datacenter Ampere, Jetson Orin, Ada, Hopper, and PTX for what comes later
@@ -94,29 +95,9 @@ def test_identity_changes_with_the_sources(tmp_path):
     assert plugin_library.sources_sha256(copies) != plugin_library.sources_sha256()
 
 
-def _selection_model(op_type: str) -> onnx.ModelProto:
-    outputs = ["kept"] + (["count"] if op_type == "MoDSelectThreshold" else [])
-    extra = {"threshold": 0.5} if op_type == "MoDSelectThreshold" else {}
-    node = helper.make_node(op_type, ["scores", "span_start", "n", "k"], outputs, domain=ops.DOMAIN,
-                            plugin_namespace=ops.PLUGIN_NAMESPACE, plugin_version=ops.PLUGIN_VERSION,
-                            tensorrt_plugin_shape_input_indices=ops.SHAPE_INPUTS, **extra)
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "T"]),
-         helper.make_tensor_value_info("span_start", TensorProto.INT64, ["B"]),
-         helper.make_tensor_value_info("n", TensorProto.INT64, []),
-         helper.make_tensor_value_info("k", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
-                                                    helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
-    model.ir_version = 10
-    ops.attach_functions(model)
-    return model
-
-
 @pytest.mark.parametrize("op_type", ["MoDSelect", "MoDSelectThreshold"])
 def test_tensorrt_copy_passes_the_span_values_to_enqueue(op_type):
-    model = _selection_model(op_type)
+    model = selection_model(op_type)
     copy = tensorrt_copy(model, "10.3")
     node = copy.graph.node[0]
     # inputs 2 and 3 stay TensorRT shape inputs; 4 and 5 are the same tensors, for the kernel
@@ -131,3 +112,11 @@ def test_gather_and_scatter_keep_their_inputs():
     node = helper.make_node("MoDGather", ["x", "kept"], ["y"], domain=ops.DOMAIN)
     model = helper.make_model(helper.make_graph([node], "g", [x], []))
     assert pass_span_values(model) == 0 and list(model.graph.node[0].input) == ["x", "kept"]
+
+
+def test_manifest_names_the_plugin_library(art_pmod):
+    from gammamod.manifest import read_manifest
+
+    plugin = read_manifest(art_pmod)["tensorrt"]["plugin"]
+    assert plugin["namespace"] == ops.PLUGIN_NAMESPACE and plugin["version"] == ops.PLUGIN_VERSION
+    assert {k: plugin[k] for k in ("library", "sources_sha256", "kernels_version")} == plugin_library.plugin_identity()
