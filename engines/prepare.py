@@ -4,7 +4,8 @@ Per TensorRT version, in one of two forms (``--mod-ops``):
 
 * ``plugin``: the MoD nodes stay, bound to our plugin library by their attributes; their function
   bodies are stripped (the safe rule: from 10.0 to 10.6 a local function named like the plugin
-  is used instead of it, and a plugin-bound copy needs none);
+  is used instead of it, and a plugin-bound copy needs none), and the selection nodes get their
+  span values as execution inputs too (:func:`pass_span_values`);
 * ``native``: the function bodies are inlined, so TensorRT's own TopK / GatherND / ScatterND run
   and no plugin library is needed (TopK's K < 3840): the fallback that builds anywhere.
 
@@ -32,6 +33,22 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(a.g)
 
 
+SELECT_NODES = ("MoDSelect", "MoDSelectThreshold")
+
+
+def pass_span_values(model: onnx.ModelProto, domain: str = "gammamod") -> int:
+    """Give every selection node its span length and kept count (inputs 2 and 3, TensorRT shape
+    inputs) a second time, as inputs 4 and 5: TensorRT hands a plugin's shape inputs to
+    getOutputShapes only, never to enqueue, and the kernel needs N and k, not just T - N + k.
+    The same tensor may be both a shape and an execution tensor. Returns the nodes changed."""
+    changed = 0
+    for node in _all_nodes(model.graph):
+        if node.domain == domain and node.op_type in SELECT_NODES and len(node.input) == 4:
+            node.input.extend([node.input[2], node.input[3]])
+            changed += 1
+    return changed
+
+
 def tensorrt_copy(model: onnx.ModelProto, version: str, mod_ops: str = "plugin",
                   domain: str = "gammamod") -> onnx.ModelProto:
     """The copy TensorRT ``version`` parses; ``domain`` is our nodes' (the manifest's
@@ -50,7 +67,9 @@ def tensorrt_copy(model: onnx.ModelProto, version: str, mod_ops: str = "plugin",
                                 "written without them)")
         del copy.opset_import[:]
         copy.opset_import.extend(o for o in inlined.opset_import if o.domain != domain)
-    elif mod_ops != "plugin":
+    elif mod_ops == "plugin":
+        pass_span_values(copy, domain)
+    else:
         raise GammamodError(f"--mod-ops {mod_ops!r}: expected plugin or native")
     keep = [f for f in copy.functions if f.domain != domain]  # our bodies would shadow the plugin
     del copy.functions[:]

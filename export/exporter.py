@@ -84,6 +84,9 @@ def read_capacity_file(path: str | Path) -> tuple[dict[int, dict], int | None]:
     if not isinstance(data, dict):
         raise GammamodError(f"{path}: expected a JSON object mapping MoD layer index to a kept fraction or count")
     span = data.pop("span_length", None)
+    if data.get("format") == "gammamod-capacity" and "capacity" not in data:
+        raise GammamodError(f"{path}: a {data.get('recipe')} capacity report holds no capacity (its kept counts are "
+                            "fixed by training; the report is for information)")
     if "capacity" in data:  # calibration's report: the map sits under "capacity"
         data = data["capacity"]
         if not isinstance(data, dict):
@@ -509,6 +512,7 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
     import onnxscript
     import transformers
 
+    from gammamod.engines.plugin_library import plugin_identity
     from gammamod.runtime.prompt import IMAGE_TOKEN, VICUNA_V1
 
     cfg, recipe = ckpt.config, ckpt.recipe
@@ -557,7 +561,8 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
         "image": image,
         "absent": absent,
         "tensorrt": {"plugin": {"namespace": ops.PLUGIN_NAMESPACE, "version": ops.PLUGIN_VERSION,
-                                "domain": ops.DOMAIN, "ops": list(ops.NODE_TYPES)}, "targets": {}},
+                                "domain": ops.DOMAIN, "ops": list(ops.NODE_TYPES), **plugin_identity()},
+                     "targets": {}},
         "files": {},
         "tools": {"gammamod": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxscript": onnxscript.__version__, "transformers": transformers.__version__},
