@@ -12,6 +12,7 @@ the manifest's ``engines`` section with those files' hashes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -150,13 +151,13 @@ class _Builder:
 def build_engines(manifest, plan: dict, gpu, force: bool = False, plugin_library: str | None = None) -> dict:
     """Build the plan's engines into ``ARTIFACT/engines`` and record them in the manifest."""
     from gammamod.lifecycle import OutputDir
-    from gammamod.manifest import describe_files, now, sha256_of
+    from gammamod.manifest import ENGINES_DIR, describe_files, now, sha256_of
 
     from .prepare import checked_copy
 
     trt = tensorrt_module()
     started = time.time()
-    out = manifest.path("engines")
+    out = manifest.path(ENGINES_DIR)
     with OutputDir(out, force=True, is_ours=lambda p: (p / "build.json").is_file(), what="engines directory") as tmp:
         library = None
         if plan["plugin"] is not None:
@@ -187,13 +188,10 @@ def build_engines(manifest, plan: dict, gpu, force: bool = False, plugin_library
             "span_lengths": plan["span_lengths"], "options": plan["options"],
             "built": now(), "build_seconds": round(time.time() - started, 1),
         }
-        import json
-
         (tmp / "build.json").write_text(json.dumps(record, indent=2) + "\n")
-        names = [f"engines/{p.name}" for p in tmp.iterdir()]
-        files = {f"engines/{k.split('/', 1)[1]}": v
-                 for k, v in describe_files(tmp.parent, [f"{tmp.name}/{n.split('/', 1)[1]}" for n in names]).items()}
-    manifest.data["files"] = {k: v for k, v in manifest.data["files"].items() if not k.startswith("engines/")}
+        files = {f"{ENGINES_DIR}/{name}": entry
+                 for name, entry in describe_files(tmp, [p.name for p in tmp.iterdir()]).items()}
+    manifest.data["files"] = {k: v for k, v in manifest.data["files"].items() if not k.startswith(ENGINES_DIR + "/")}
     manifest.data["files"].update(files)
     manifest.data["engines"] = record
     manifest.write()

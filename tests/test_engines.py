@@ -364,3 +364,120 @@ def test_plan_and_bundle_load_no_torch(art_gamma, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "b" / "decoder.trt10.x.native.onnx").is_file()
+
+
+class _FakeTensorRT:
+    """TensorRT's Python API as far as engines/build.py calls it, recording the calls: what is
+    tested is our side (profiles and flags handed over, files and manifest written), not TensorRT."""
+
+    __version__ = "10.3.0"
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class _Enum:
+            def __init__(self, *names):
+                for n in names:
+                    setattr(self, n, n)
+
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
+        self.NetworkDefinitionCreationFlag = _Enum("STRONGLY_TYPED")
+        self.MemoryPoolType = _Enum("WORKSPACE")
+        self.BuilderFlag = _Enum("FP16", "BF16", "VERSION_COMPATIBLE")
+        self.HardwareCompatibilityLevel = _Enum("AMPERE_PLUS")
+
+        class Profile:
+            def __init__(self):
+                self.shapes, self.values = {}, {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (list(lo), list(opt), list(hi))
+
+            def set_shape_input(self, name, lo, opt, hi):
+                self.values[name] = (list(lo), list(opt), list(hi))
+
+        class Cache:
+            def serialize(self):
+                return b"timing"
+
+        class Config:
+            def __init__(self):
+                self.flags, self.profiles = [], []
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", size))
+
+            def set_flag(self, flag):
+                self.flags.append(flag)
+
+            def create_timing_cache(self, data):
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore):
+                pass
+
+            def add_optimization_profile(self, profile):
+                self.profiles.append(profile)
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data, path):
+                fake.calls.append(("parse", Path(path).name, len(data)))
+                return True
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build", config.flags, config.profiles))
+                return b"serialized engine"
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_build_writes_engines_and_the_manifest_section(art_gamma, tmp_path, monkeypatch):
+    from gammamod.engines.build import build_engines
+    from gammamod.engines.gpu import LocalGPU
+    from gammamod.runtime.backends.tensorrt import check_engines
+
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    art = tmp_path / "art"
+    shutil.copytree(art_gamma, art)
+    library = tmp_path / "libgammamod_plugins.so"
+    library.write_bytes(b"a library")
+    fake.get_plugin_registry = lambda: type("R", (), {"load_library": lambda s, p: fake.calls.append(("load", p)) or True})()
+    manifest = read_manifest(art)
+    plan = make_plan(manifest, BuildOptions(target="orin-jp6", requested_precision="fp16", workspace_mib=64,
+                                            timing_cache=str(tmp_path / "timing.cache")))
+    record = build_engines(manifest, plan, LocalGPU("Orin", (8, 7), 61.4), plugin_library=str(library))
+    builds = [c for c in fake.calls if c[0] == "build"]
+    assert len(builds) == 2 and ("workspace", 64 << 20) in fake.calls
+    decoder_flags, decoder_profiles = builds[0][1], builds[0][2]
+    assert decoder_flags == ["FP16"] and len(decoder_profiles) == 2  # TensorRT 10's weak typing; prefill, decode
+    prefill = decoder_profiles[0]
+    assert prefill.values["span_length"] == ([0], [SPAN], [SPAN]) and prefill.values["capacity.3"] == ([0], [KEPT], [KEPT])
+    assert prefill.shapes["past_key.3"][2] == [MAX_BATCH, KV_HEADS, MAX_SEQ - (SPAN - KEPT), HEAD_DIM]
+    assert [c[1] for c in fake.calls if c[0] == "parse"] == ["decoder.onnx", "vision.onnx"]  # weights found beside them
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing"
+    again = read_manifest(art)
+    again.verify_files()
+    assert again["engines"] == record and record["files"] == {"decoder": "engines/decoder.engine",
+                                                               "vision": "engines/vision.engine"}
+    assert (art / "engines" / "libgammamod_plugins.so").read_bytes() == b"a library"
+    check_engines(record, "10.3.0", (8, 7), record["plugin"]["sha256"])
