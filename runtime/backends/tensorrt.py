@@ -143,6 +143,7 @@ class TrtRunner:
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         index = self.profile_for(feeds)
         ctx = self.contexts[index]
+        staged = []  # host arrays of asynchronous copies: alive until the stream has run them
         for name in self.input_names:
             value = feeds[name]
             if name in self.host_inputs:  # a shape tensor: TensorRT reads its values from host memory
@@ -152,6 +153,7 @@ class TrtRunner:
                 shape, ptr = value.shape, value.ptr
             else:
                 host = np.ascontiguousarray(value)
+                staged.append(host)
                 buf = self._buffer((index, name), host.shape, host.dtype)
                 buf.copy_from(host, self.stream)
                 shape, ptr = host.shape, buf.ptr
@@ -314,11 +316,13 @@ class DeviceKVCache:
         item = self.dtype.itemsize
         window = self.windows[layer]
         width = t * self.head_dim * item
+        staged = []  # host arrays of asynchronous copies: alive until the stream has run them
         for new, buf in ((keys, self._keys[layer]), (values, self._values[layer])):
             if isinstance(new, self.cuda.DeviceView):
                 src_base, kind = new.ptr, CUDA_MEMCPY_D2D
             else:
                 new = np.ascontiguousarray(new, self.dtype)
+                staged.append(new)
                 src_base, kind = new.ctypes.data, CUDA_MEMCPY_H2D
             for b in range(self.batch):
                 dst = buf.ptr + ((b * self.kv_heads) * window + int(start[b])) * self.head_dim * item
