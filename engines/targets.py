@@ -74,3 +74,103 @@ def target(name: str) -> Target:
     if name not in TARGETS:
         raise GammamodError(f"TensorRT version {name!r}: expected one of {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+# -- the GPUs engines are built for --------------------------------------------------------------
+# An engine is built for one GPU (compute capability) and one TensorRT. The table says, per device
+# users deploy on, what a build may ask of it: which parser copy it reads, its precisions, its
+# memory. Memory as the vendor lists it (GiB); Jetson memory is shared with the CPU and the OS.
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+QUANTIZED = ("fp8", "int8", "int4")  # need the Q/DQ artifact the calib stage writes
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # manifest dtype -> precision
+_DATACENTER = ("fp32", "fp16", "bf16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    gpu: str
+    compute_capability: tuple[int, int]
+    memory_gib: float
+    tensorrt: tuple[str, ...]  # parser versions (keys of TARGETS) it runs; the first is the default
+    precisions: tuple[str, ...]
+    jetpack: str | None = None  # Jetson: engines are built on the device from a bundle
+    cuda: str = "12.x or 13.x"
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def cuda_architecture(self) -> str:
+        return f"{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def _jetson(name, gpu, memory, jetpack, cuda, tensorrt, cc=(8, 7), fp8=False):
+    return Device(name, gpu, cc, memory, tensorrt, _DATACENTER + (("fp8",) if fp8 else ()), jetpack, cuda)
+
+
+# FP8 needs compute capability 8.9 or newer (not Orin, not A100); INT8 (Q/DQ) and INT4 weight-only
+# work from Ampere on.
+DEVICES = {d.name: d for d in (
+    Device("a100", "NVIDIA A100 80GB", (8, 0), 80, ("10.x", "11.x"), _DATACENTER),
+    Device("a100-40", "NVIDIA A100 40GB", (8, 0), 40, ("10.x", "11.x"), _DATACENTER),
+    Device("l4", "NVIDIA L4", (8, 9), 24, ("10.x", "11.x"), _DATACENTER + ("fp8",)),
+    Device("h100", "NVIDIA H100 80GB", (9, 0), 80, ("10.x", "11.x"), _DATACENTER + ("fp8",)),
+    Device("b200", "NVIDIA B200", (10, 0), 180, ("10.x", "11.x"), _DATACENTER + ("fp8",)),
+    _jetson("orin-nano-jp6", "Jetson Orin Nano 8GB", 8, "6.x", "12.6", ("10.3",)),
+    _jetson("orin-nx-jp6", "Jetson Orin NX 16GB", 16, "6.x", "12.6", ("10.3",)),
+    _jetson("orin-agx32-jp6", "Jetson AGX Orin 32GB", 32, "6.x", "12.6", ("10.3",)),
+    _jetson("orin-jp6", "Jetson AGX Orin 64GB", 64, "6.x", "12.6", ("10.3",)),
+    _jetson("thor-jp7", "Jetson AGX Thor", 128, "7.0/7.1", "13.0", ("10.x",), cc=(11, 0), fp8=True),
+)}
+
+
+def device(name: str) -> Device:
+    if name not in DEVICES:
+        raise GammamodError(f"--target {name!r}: expected auto or one of {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+def device_for(gpu_name: str, compute_capability: tuple[int, int], memory_gib: float) -> Device:
+    """The table's device for a GPU found on this machine (``--target auto``): the entry with its
+    compute capability and the nearest memory, renamed to the GPU it is."""
+    same = [d for d in DEVICES.values() if d.compute_capability == tuple(compute_capability)]
+    if not same:
+        raise GammamodError(f"--target auto: this GPU ({gpu_name}, sm_{compute_capability[0]}{compute_capability[1]}) "
+                            f"is not in the device table; supported: {', '.join(sorted({d.sm for d in DEVICES.values()}))}")
+    base = min(same, key=lambda d: abs(d.memory_gib - memory_gib))
+    return Device(base.name, gpu_name, base.compute_capability, memory_gib, base.tensorrt, base.precisions,
+                  base.jetpack, base.cuda)
+
+
+def check_precision(dev: Device, precision: str, tensorrt: str, artifact_dtype: str,
+                    quantized: str | None) -> str:
+    """Whether ``dev`` with TensorRT ``tensorrt`` can build ``precision`` from an artifact of
+    ``artifact_dtype`` (quantized: the precision of its Q/DQ nodes, or None). Returns how:
+    ``strong`` (the ONNX's own types) or ``flag`` (TensorRT 10's builder flag on an fp32 graph);
+    refuses in one line otherwise."""
+    short = SHORT_DTYPE[artifact_dtype]
+    if precision not in PRECISIONS:
+        raise GammamodError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in dev.precisions:
+        why = "FP8 needs compute capability 8.9 or newer" if precision == "fp8" else "not supported there"
+        raise GammamodError(f"--precision {precision}: {dev.name} ({dev.gpu}, {dev.sm}) has no {precision} ({why}); "
+                            f"it has {', '.join(dev.precisions)}")
+    if precision in QUANTIZED:
+        if quantized != precision:
+            raise GammamodError(f"--precision {precision} builds from an artifact with {precision} Q/DQ nodes, which "
+                                f"'gammamod calib quantize' writes; this artifact is {quantized or short}")
+        return "strong"
+    if quantized:
+        raise GammamodError(f"--precision {precision}: this artifact is quantized ({quantized}); build it "
+                            f"--precision {quantized}")
+    if precision == short:
+        return "strong"
+    if short == "fp32" and precision in ("fp16", "bf16") and TARGETS[tensorrt].weakly_typed:
+        return "flag"
+    if not TARGETS[tensorrt].weakly_typed:
+        raise GammamodError(f"--precision {precision}: TensorRT {tensorrt} is strongly typed (the precision comes "
+                            f"from the ONNX) and this artifact is {short}: re-export it with --dtype {precision}")
+    raise GammamodError(f"--precision {precision}: this artifact is {short}; re-export it with --dtype {precision}")

@@ -512,6 +512,7 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
     import onnxscript
     import transformers
 
+    from gammamod.engines.plugin_library import plugin_identity
     from gammamod.runtime.prompt import IMAGE_TOKEN, VICUNA_V1
 
     cfg, recipe = ckpt.config, ckpt.recipe
@@ -560,7 +561,8 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
         "image": image,
         "absent": absent,
         "tensorrt": {"plugin": {"namespace": ops.PLUGIN_NAMESPACE, "version": ops.PLUGIN_VERSION,
-                                "domain": ops.DOMAIN, "ops": list(ops.NODE_TYPES)}, "targets": {}},
+                                "domain": ops.DOMAIN, "ops": list(ops.NODE_TYPES), **plugin_identity()},
+                     "targets": {}},
         "files": {},
         "tools": {"gammamod": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxscript": onnxscript.__version__, "transformers": transformers.__version__},

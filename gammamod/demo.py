@@ -4,7 +4,8 @@
 2. generate from the bundled test image with the PyTorch reference in every routing mode
    (reference, static, dense): kept tokens per MoD layer, decoder FLOPs against dense;
 3. export both to static-capacity ONNX (with the TensorRT 10.3 copies), lint them for TensorRT,
-   and check the exported decoder on ONNX Runtime against the PyTorch static mode;
+   and check the exported decoder on ONNX Runtime against the PyTorch static mode; run the
+   TensorRT plugins' kernels (on CPU) on the router scores ONNX Runtime saw, same kept tokens;
 4. generate through the torch-free runtime (a batch of two prompts about the image, and a chat
    turn that reuses the cached image): time to first token, tokens/s, KV cache per layer;
 5. one artifact, several prompt layouts: a custom system prompt and text before the image move
@@ -13,7 +14,9 @@
 7. calibrate: ARank on the tiny gamma-MoD checkpoint; capacities from the shipped calibration set
    feeding a threshold-routed export that equals gamma-MoD's released inference on it;
 8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
-   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
+   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart;
+9. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
+   device memory next to the dense twin's) and a bundle for the Orin (with 8.: the bench-size model too).
 """
 
 from __future__ import annotations
@@ -44,12 +47,17 @@ def _kept_text(counts: dict[int, int], seq_len: int) -> str:
 
 
 def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
+    from gammamod.engines.build_demo import engines_step
+    from gammamod.engines.demo import kernels_step
+
     workdir.mkdir(parents=True, exist_ok=True)
     image = test_image()
     console.print(f"[bold]gammamod demo[/bold]: tiny checkpoints in {workdir}, image {image.name}")
     checkpoints = {recipe: _checkpoint(workdir, recipe, fresh) for recipe in DEMO_RECIPES}
     _reference_table(checkpoints, image)
     artifacts = _export_table(workdir, checkpoints, image, fresh)
+    kernels_step(artifacts, image, DEMO_QUESTIONS, "2b. The TensorRT plugins' kernels (their CUDA source, run on CPU) "
+                 "on each MoD layer's real router scores, against ONNX Runtime's kept tokens")
     _runtime_table(artifacts, image)
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
@@ -58,6 +66,7 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
 
         calibrate(workdir, checkpoints["gamma-mod"])
         _bench_size(workdir, image, fresh)
+    engines_step({**artifacts, **({} if quick else {"bench-size p-mod": workdir / "bench-artifact-p-mod"})}, workdir)
     return 0
 
 

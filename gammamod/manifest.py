@@ -24,6 +24,13 @@ Top-level fields (schema_version 2):
 * ``weights``: per weights file, each tensor's [offset, bytes, dtype, shape], so a runtime can
   map the weights once and hand them to every graph that uses them.
 * ``files``: every file with sha256 and size. ``tensorrt``: plugin identity and per-version copies.
+* ``engines`` (written by ``gammamod build`` on the GPU they are for; absent before): TensorRT
+  version, GPU name and compute capability, hardware-compatibility level, version-compatible,
+  precision, MoD ops (plugin | native), the plugin library (file, sha256, sources' sha256), the
+  plan's profiles, KV capacity per layer, max batch and sequence, the options, build time, and
+  the engine files (``engines/<kind>.engine``, listed under ``files``). The runtime's
+  ``check_engines`` reads it.
+* ``quantization`` (optional, the calib stage): ``precision`` of the Q/DQ nodes (int8, fp8, int4).
 * ``tools``: the versions of the tools that wrote the artifact.
 """
 
@@ -42,6 +49,8 @@ SCHEMA = "gammamod-artifact"
 SCHEMA_VERSION = 2
 MAX_SEQ_LIMIT = 1 << 20  # a bound no real artifact reaches: an edited max_seq must not allocate terabytes
 MANIFEST = "manifest.json"
+ENGINES_DIR = "engines"
+HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
 _ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|span_start|span_length|logits|pixel_values|"
                    r"image_features|(past_key|past_value|kv_length|present_key|present_value|new_kv_length|"
@@ -175,8 +184,9 @@ def validate(data, where: Path) -> None:
     for name, entry in files.items():
         _need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _count(entry.get("bytes")),
               where, f"files[{name!r}] needs sha256 and bytes")
-        _need("/" not in name and "\\" not in name and name not in (".", ".."), where,
-              f"files[{name!r}]: artifact files live in the artifact directory")
+        flat = name[len(ENGINES_DIR) + 1:] if name.startswith(ENGINES_DIR + "/") else name
+        _need("/" not in flat and "\\" not in flat and flat not in (".", "..", ""), where,
+              f"files[{name!r}]: artifact files live in the artifact directory (engines in {ENGINES_DIR}/)")
     _check_routing(data, where)
     graphs = data["graphs"]
     _need("decoder" in graphs, where, "graphs.decoder missing (the one decoder graph)")
@@ -205,6 +215,8 @@ def validate(data, where: Path) -> None:
     _need(emb.get("file") in files, where, "embeddings.file must name a listed file")
     _need(emb.get("shape") == [model["vocab_size"], model["hidden_size"]], where,
           f"embeddings.shape must be [vocab_size, hidden_size] = {[model['vocab_size'], model['hidden_size']]}")
+    if data.get("engines") is not None:
+        _check_engines(data, where)
     absent = set(data["absent"])
     _need(absent <= {"vision", "tokenizer"}, where, "absent may list only vision and tokenizer")
     _need(("vision" in graphs) != ("vision" in absent), where, "graphs.vision must exist unless 'vision' is absent")
@@ -264,6 +276,41 @@ def _check_routing(data: dict, where: Path) -> None:
         _need(parsed.count_span < max_seq, where, "routing.capacity.count_span_length must be below kv_cache.max_seq")
         _need(all(o["count"] <= parsed.count_span for o in parsed.overrides.values() if "count" in o), where,
               "routing.capacity: an absolute count larger than the span it holds for")
+
+
+def _check_engines(data: dict, where: Path) -> None:
+    eng, files = data["engines"], data["files"]
+    _need(isinstance(eng, dict), where, "engines must be an object")
+    _need(isinstance(eng.get("tensorrt"), str) and re.match(r"^\d+\.\d+", eng["tensorrt"]) is not None, where,
+          "engines.tensorrt must be the TensorRT version that built them")
+    gpu = eng.get("gpu")
+    _need(isinstance(gpu, dict) and isinstance(gpu.get("name"), str) and isinstance(gpu.get("compute_capability"), list)
+          and len(gpu["compute_capability"]) == 2 and all(_count(x) for x in gpu["compute_capability"]), where,
+          "engines.gpu must be {name, compute_capability: [major, minor]}")
+    _need(eng.get("hardware_compatibility") in HARDWARE_LEVELS, where,
+          f"engines.hardware_compatibility must be one of {', '.join(HARDWARE_LEVELS)}")
+    _need(isinstance(eng.get("version_compatible"), bool), where, "engines.version_compatible must be true or false")
+    _need(eng.get("mod_ops") in ("plugin", "native", "none"), where, "engines.mod_ops must be plugin, native or none")
+    plugin = eng.get("plugin")
+    _need(plugin is None or (isinstance(plugin, dict) and plugin.get("file") in files
+                             and isinstance(plugin.get("sha256"), str)), where,
+          "engines.plugin must be null or name a listed library file with its sha256")
+    _need(isinstance(eng.get("files"), dict) and "decoder" in eng["files"]
+          and all(k in ("decoder", "vision") and f in files and f.startswith(ENGINES_DIR + "/")
+                  for k, f in eng["files"].items()), where,
+          f"engines.files must name the listed decoder (and vision) engines in {ENGINES_DIR}/")
+    _need(isinstance(eng.get("profiles"), dict) and set(eng["profiles"]) == set(eng["files"])
+          and {"prefill", "decode"} <= set(eng["profiles"]["decoder"]), where,
+          "engines.profiles must give each engine's profiles (the decoder: prefill and decode)")
+    max_seq = data["kv_cache"]["max_seq"]
+    caps = eng.get("kv_capacity")
+    _need(isinstance(caps, list) and len(caps) == data["model"]["num_layers"]
+          and all(_positive(c) and c <= max_seq for c in caps), where,
+          "engines.kv_capacity must give each layer's KV entries per row, at most kv_cache.max_seq")
+    _need(_positive(eng.get("max_batch")) and eng["max_batch"] <= data["kv_cache"]["max_batch"], where,
+          "engines.max_batch must be a positive integer within kv_cache.max_batch")
+    _need(isinstance(eng.get("built"), str) and isinstance(eng.get("options"), dict), where,
+          "engines.built (time) and engines.options must be present")
 
 
 def _check_decoder_io(data: dict, kind: str, graph: dict, where: Path) -> None:

@@ -336,18 +336,18 @@ def test_tensorrt_engine_compatibility_rules():
     from gammamod.runtime.backends.tensorrt import check_engines
 
     engines = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": [8, 7]},
-               "plugin": {"version": "1"}, "files": {"decoder": "d.engine"}}
-    check_engines(engines, "10.3.0", (8, 7), "1")
+               "plugin": {"file": "engines/libgammamod_plugins.so", "sha256": "a" * 64}, "files": {"decoder": "d.engine"}}
+    check_engines(engines, "10.3.0", (8, 7), "a" * 64)
     with pytest.raises(GammamodError, match="built by TensorRT 10.3.0, this machine has 10.7.0"):
-        check_engines(engines, "10.7.0", (8, 7), "1")
+        check_engines(engines, "10.7.0", (8, 7))
     with pytest.raises(GammamodError, match="built for sm_87 \\(Orin\\), this GPU is sm_90"):
-        check_engines(engines, "10.3.0", (9, 0), "1")
-    with pytest.raises(GammamodError, match="plugin version 1, the plugin library here is 2"):
-        check_engines(engines, "10.3.0", (8, 7), "2")
-    check_engines({**engines, "version_compatible": True}, "10.8.1", (8, 7), "1")
+        check_engines(engines, "10.3.0", (9, 0))
+    with pytest.raises(GammamodError, match="plugin library differs from the one the engines were built with"):
+        check_engines(engines, "10.3.0", (8, 7), "b" * 64)
+    check_engines({**engines, "version_compatible": True}, "10.8.1", (8, 7))
     with pytest.raises(GammamodError, match="need TensorRT 10.x at 10.3.0 or later"):
-        check_engines({**engines, "version_compatible": True}, "11.0.0", (8, 7), "1")
-    check_engines({**engines, "hardware_compatibility": "ampere_plus"}, "10.3.0", (9, 0), "1")
+        check_engines({**engines, "version_compatible": True}, "11.0.0", (8, 7))
+    check_engines({**engines, "hardware_compatibility": "ampere_plus"}, "10.3.0", (9, 0))
     with pytest.raises(GammamodError, match="Ampere or newer"):
         check_engines({**engines, "hardware_compatibility": "ampere_plus"}, "10.3.0", (7, 5), "1")
     with pytest.raises(GammamodError, match="no TensorRT engines"):
