@@ -102,11 +102,43 @@ bool field_number(PluginField const& field, double& value) noexcept
     }
 }
 
-class ModPlugin final : public IPluginV3, public IPluginV3OneCore, public IPluginV3OneBuild, public IPluginV3OneRuntime
+// The node's name, version and namespace: the plugin's core interface and the creator both answer them.
+template <class Interface>
+class NodeIdentity : public Interface
+{
+public:
+    explicit NodeIdentity(Node node) noexcept
+        : mNode(node)
+    {
+    }
+
+    AsciiChar const* getPluginName() const noexcept override
+    {
+        return node_name(mNode);
+    }
+
+    AsciiChar const* getPluginVersion() const noexcept override
+    {
+        return kPluginVersion;
+    }
+
+    AsciiChar const* getPluginNamespace() const noexcept override
+    {
+        return kPluginNamespace;
+    }
+
+protected:
+    Node mNode;
+};
+
+class ModPlugin final : public IPluginV3,
+                        public NodeIdentity<IPluginV3OneCore>,
+                        public IPluginV3OneBuild,
+                        public IPluginV3OneRuntime
 {
 public:
     ModPlugin(Node node, float threshold) noexcept
-        : mNode(node)
+        : NodeIdentity(node)
         , mThreshold(threshold)
     {
     }
@@ -126,22 +158,6 @@ public:
     IPluginV3* clone() noexcept override
     {
         return new (std::nothrow) ModPlugin(mNode, mThreshold);
-    }
-
-    // IPluginV3OneCore
-    AsciiChar const* getPluginName() const noexcept override
-    {
-        return node_name(mNode);
-    }
-
-    AsciiChar const* getPluginVersion() const noexcept override
-    {
-        return kPluginVersion;
-    }
-
-    AsciiChar const* getPluginNamespace() const noexcept override
-    {
-        return kPluginNamespace;
     }
 
     // IPluginV3OneBuild
@@ -298,17 +314,16 @@ private:
         return false;
     }
 
-    Node mNode;
     float mThreshold;
     PluginField mFields;
     PluginFieldCollection mFieldCollection{};
 };
 
-class ModPluginCreator final : public IPluginCreatorV3One
+class ModPluginCreator final : public NodeIdentity<IPluginCreatorV3One>
 {
 public:
     explicit ModPluginCreator(Node node) noexcept
-        : mNode(node)
+        : NodeIdentity(node)
     {
         mFieldNames = PluginField("threshold", nullptr, PluginFieldType::kFLOAT32, 1);
         mFieldCollection.nbFields = node == Node::kSelectThreshold ? 1 : 0;
@@ -344,23 +359,7 @@ public:
         return &mFieldCollection;
     }
 
-    AsciiChar const* getPluginName() const noexcept override
-    {
-        return node_name(mNode);
-    }
-
-    AsciiChar const* getPluginVersion() const noexcept override
-    {
-        return kPluginVersion;
-    }
-
-    AsciiChar const* getPluginNamespace() const noexcept override
-    {
-        return kPluginNamespace;
-    }
-
 private:
-    Node mNode;
     PluginField mFieldNames;
     PluginFieldCollection mFieldCollection{};
 };
