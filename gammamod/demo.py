@@ -11,7 +11,9 @@
    the routed span; the runtime finds it and answers as PyTorch does;
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
 7. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
-   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
+   against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart;
+8. int8 quantization (``calib quantize``): the tiny p-MoD artifact linted, run and validated; without
+   ``--quick`` the bench-size one validated and benched next to fp32.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _runtime_table(artifacts, image)
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
-    if not quick:
-        _bench_size(workdir, image, fresh)
+    bench = _bench_size(workdir, image, fresh) if not quick else None
+    from gammamod.calib.demo import quantize_demo
+
+    quantize_demo(workdir, checkpoints["p-mod"], artifacts["p-mod"], image, bench, fresh)
     return 0
 
 
@@ -261,7 +265,7 @@ def _refusals_table(workdir: Path, checkpoints: dict[str, Path], artifacts: dict
     console.print(table)
 
 
-def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
+def _bench_size(workdir: Path, image: Path, fresh: bool) -> tuple[Path, Path]:
     from rich.markdown import Markdown
 
     from gammamod.export.exporter import ExportOptions, export_artifact
@@ -287,3 +291,4 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     console.print(Markdown((workdir / "bench-results" / "bench.md").read_text()))
     console.print(f"[bold]chart:[/bold] {bench['outputs']['bench.png']}  (table {bench['outputs']['bench.md']}, "
                   f"data {bench['outputs']['bench.json']})", soft_wrap=True)
+    return ckpt, art
