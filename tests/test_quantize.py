@@ -150,3 +150,20 @@ def test_cli_refuses_in_one_line(art_pmod, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "compute capability" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "fp8").exists()
+
+
+def test_fp8_is_made_for_compute_capability_8_9_and_runs_emulated_on_ort_cpu(art_pmod, tmp_path):
+    from gammamod.calib.quantize import quantize_artifact
+    from gammamod.engines.lint import lint_model_file
+    from gammamod.runtime.pipeline import Pipeline
+
+    m = quantize_artifact(art_pmod, tmp_path / "fp8", "fp8", compute_capability=8.9, random=1, steps=1)
+    assert m["quantization"]["min_compute_capability"] == 8.9
+    model = onnx.load(str(m.path("decoder.onnx")), load_external_data=False)
+    zero_points = [i for i in model.graph.initializer if i.name.endswith(".zero_point")]
+    assert zero_points and all(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in zero_points)
+    findings = lint_model_file(m.path("decoder.onnx"), "10.3")
+    assert not [f for f in findings if f.severity == "error"]
+    assert any("Orin" in f.message for f in findings)  # FP8 parses on 10.3 but Orin cannot run it
+    out = Pipeline.load(m.root).generate(None, ["Say something."], max_new_tokens=2)  # ONNX Runtime CPU emulates it
+    assert out[0].tokens
