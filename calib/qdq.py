@@ -130,8 +130,11 @@ def with_amax_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
                 merged[key] = value
             else:
                 merged[key] = values[0]
+        copies = [onnx.NodeProto() for _ in nodes]  # detached: the originals go with the old list
+        for c, n in zip(copies, nodes):
+            c.CopyFrom(n)
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(copies)
         return merged
 
     exposed = expose(out.graph)
@@ -193,62 +196,67 @@ def quantize_model(model: onnx.ModelProto, amax: dict[str, float], scheme: Schem
     out = onnx.ModelProto()
     out.CopyFrom(model)
     names = _main_initializers(out)
-    targets = list(quantized_matmuls(out.graph, names))
-    if not targets:
-        raise GammamodError("no decoder projection MatMul found to quantize (expected B inputs named "
-                            "model.layers.<l>.(self_attn|mlp).<x>_proj.weight.T)")
     used: set[str] = set()
     act_inits: dict[str, onnx.TensorProto] = {}
-    # per graph scope: what has been dequantized there already (weights and activations)
-    done: dict[int, dict[str, str]] = {}
-    inserts: dict[int, list] = {}
-    counter = [0]
+    counter = [0, 0]  # names made, MatMuls quantized
 
     def fresh(stem: str) -> str:
         counter[0] += 1
         return f"{stem}#{counter[0]}"
 
-    for graph, node in targets:
-        scope = done.setdefault(id(graph), {})
-        new_nodes = inserts.setdefault(id(graph), [])
-        weight = node.input[1]
-        if ("w", weight) not in scope:
-            tensors = weight_tensors(weight)
-            used.update(tensors)
-            inputs = [f"{weight}.quantized", f"{weight}.scale"] + (
-                [f"{weight}.zero_point"] if f"{weight}.zero_point" in tensors else [])
-            attrs = {"axis": 0, "block_size": block_size} if scheme.precision == "int4" else {"axis": 1}
-            value = fresh(f"{weight}.dequantized")
-            new_nodes.append((node, helper.make_node("DequantizeLinear", inputs, [value], name=value, **attrs)))
-            scope[("w", weight)] = value
-        if scheme.activations:
-            act = node.input[0]
-            if ("a", act) not in scope:
-                if act not in amax:
-                    raise GammamodError(f"activation {act!r} was never reached by the calibration runs; use more "
-                                        "or longer samples")
-                scale_name, zero_name = f"{act}.act_scale", f"{act}.act_zero_point"
-                if scale_name not in act_inits:
-                    a = float(amax[act])
-                    act_inits[scale_name] = numpy_helper.from_array(
-                        np.array(a / scheme.qmax if a > 0 else 1.0, np.float32), scale_name)
-                    act_inits[zero_name] = helper.make_tensor(zero_name, scheme.weight_type, [], [0])
-                q, dq = fresh(f"{act}.quantized"), fresh(f"{act}.dequantized")
-                new_nodes.append((node, helper.make_node("QuantizeLinear", [act, scale_name, zero_name], [q], name=q)))
-                new_nodes.append((node, helper.make_node("DequantizeLinear", [q, scale_name, zero_name], [dq], name=dq)))
-                scope[("a", act)] = dq
-            node.input[0] = scope[("a", act)]
-        node.input[1] = scope[("w", weight)]
+    def is_target(node) -> bool:
+        return node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and len(node.input) == 2 \
+            and node.input[1] in names and QUANTIZED_WEIGHT.match(node.input[1]) is not None
 
-    # place each scope's new nodes right before the first MatMul that needs them
-    for graph, _ in {id(g): (g, None) for g, _ in targets}.values():
-        pending = inserts.get(id(graph), [])
+    def rewrite(graph: onnx.GraphProto) -> None:
+        """Q/DQ before each target MatMul of ``graph`` (once per value in this scope), and the same
+        in its If branches."""
+        scope: dict[tuple[str, str], str] = {}
         order = []
         for node in graph.node:
-            order.extend(new for before, new in pending if before is node)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    rewrite(a.g)
+            if is_target(node):
+                counter[1] += 1
+                weight, act = node.input[1], node.input[0]
+                if ("w", weight) not in scope:
+                    tensors = weight_tensors(weight)
+                    used.update(tensors)
+                    inputs = [f"{weight}.quantized", f"{weight}.scale"] + (
+                        [f"{weight}.zero_point"] if f"{weight}.zero_point" in tensors else [])
+                    attrs = {"axis": 0, "block_size": block_size} if scheme.precision == "int4" else {"axis": 1}
+                    value = fresh(f"{weight}.dequantized")
+                    order.append(helper.make_node("DequantizeLinear", inputs, [value], name=value, **attrs))
+                    scope[("w", weight)] = value
+                if scheme.activations and ("a", act) not in scope:
+                    if act not in amax:
+                        raise GammamodError(f"activation {act!r} was never reached by the calibration runs; use "
+                                            "more or longer samples")
+                    scale_name, zero_name = f"{act}.act_scale", f"{act}.act_zero_point"
+                    if scale_name not in act_inits:
+                        a = float(amax[act])
+                        act_inits[scale_name] = numpy_helper.from_array(
+                            np.array(a / scheme.qmax if a > 0 else 1.0, np.float32), scale_name)
+                        act_inits[zero_name] = helper.make_tensor(zero_name, scheme.weight_type, [], [0])
+                    q, dq = fresh(f"{act}.quantized"), fresh(f"{act}.dequantized")
+                    order.append(helper.make_node("QuantizeLinear", [act, scale_name, zero_name], [q], name=q))
+                    order.append(helper.make_node("DequantizeLinear", [q, scale_name, zero_name], [dq], name=dq))
+                    scope[("a", act)] = dq
+                if scheme.activations:
+                    node.input[0] = scope[("a", act)]
+                node.input[1] = scope[("w", weight)]
             order.append(node)
+        copies = [onnx.NodeProto() for _ in order]
+        for c, n in zip(copies, order):
+            c.CopyFrom(n)
         del graph.node[:]
-        graph.node.extend(order)
+        graph.node.extend(copies)
+
+    rewrite(out.graph)
+    if not counter[1]:
+        raise GammamodError("no decoder projection MatMul found to quantize (expected B inputs named "
+                            "model.layers.<l>.(self_attn|mlp).<x>_proj.weight.T)")
 
     still_used = _names_used(out.graph)
     kept = [i for i in out.graph.initializer if i.name in still_used]
