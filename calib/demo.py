@@ -1,18 +1,68 @@
-"""The demo's quantization step: an int8 artifact made from the tiny p-MoD one (check-onnx, validate
-with the int8 tolerances, an answer next to fp32's); without ``--quick``, an int8 bench-size
-artifact validated and benched next to its fp32 source in one run."""
+"""The demo's calibration step: ARank on the tiny gamma-MoD checkpoint, then capacities from the
+shipped calibration set feeding a threshold-routed export, checked against gamma-MoD's released
+inference (``reference`` routing) on those samples; and the quantization step (:func:`quantize_demo`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gammamod.console import StageProgress, console
+import numpy as np
+
+
+def run(workdir: Path, ckpt: Path) -> None:
+    from rich.table import Table
+
+    from gammamod.console import StageProgress, console
+    from gammamod.export.exporter import ExportOptions, export_artifact, read_capacity_file
+    from gammamod.export.generate import generate_from_embeds
+    from gammamod.runtime import Pipeline
+
+    from . import arank, capacity
+    from .samples import load_model, prepared_samples
+
+    ranks = arank.analyse(ckpt, random=2)
+    console.print(f"[bold]6. Calibrate[/bold] ({ckpt.name}): ARank over 2 samples\n{arank.table(ranks)}")
+
+    report = capacity.calibrate(ckpt, quantile=1.0, decode_steps=8)
+    cap_file, _ = capacity.write(report, workdir / "capacity-gamma-mod.json", force=True)
+    console.print(capacity.table(report))
+    art = workdir / "artifact-gamma-mod-threshold"
+    overrides, span = read_capacity_file(cap_file)
+    with StageProgress("export gamma-mod --routing threshold") as p:
+        export_artifact(ckpt, art, ExportOptions(routing="threshold", capacity=overrides, capacity_span=span,
+                                                 force=True), progress=p)
+
+    model = load_model(ckpt)
+    pipe = Pipeline.load(art)
+    table = Table(title="Threshold-routed artifact (capacities above) on ONNX Runtime vs the released inference, "
+                        "shipped calibration set, prefill + 8 decode steps")
+    for col in ("sample", "prompt tokens", "tokens kept per MoD layer", "max rel. logit error", "greedy tokens",
+                "KV lengths", "capacity overflows"):
+        table.add_column(col, overflow="fold")
+    for i, s in enumerate(prepared_samples(model, ckpt)):
+        ref = generate_from_embeds(model, s.embeds, routing="reference", max_new_tokens=9, return_logits=True)
+        gen = pipe.generator(1)
+        logits, errors, tokens = gen.prefill(s.embeds.numpy()), [], []
+        kept = " ".join(f"{l}:{int(gen.kept_per_row[l][0])}" for l in sorted(gen.kept_per_row))
+        for step in range(9):
+            want = ref.logits[:, step].numpy()
+            errors.append(float(np.abs(logits - want).max() / np.abs(want).max()))
+            tokens.append(int(np.argmax(logits)))
+            if step < 8:
+                logits = gen.decode([tokens[-1]])
+        same_kv = np.array_equal(gen.kv_lengths(), ref.kv_lengths.numpy())
+        table.add_row(str(i), str(s.length), kept, f"{max(errors):.1e}",
+                      "identical" if tokens == ref.tokens[0].tolist() else "DIFFER",
+                      "identical" if same_kv else "DIFFER", str(sum(gen.overflows.values())))
+    console.print(table)
+
 
 QUESTION = "What is in the picture?"
 
 
 def _quantized(artifact: Path, out: Path, precision: str, fresh: bool, **calibration) -> Path:
     from gammamod.calib.quantize import quantize_artifact
+    from gammamod.console import StageProgress
     from gammamod.errors import GammamodError
     from gammamod.manifest import read_manifest
 
@@ -27,8 +77,13 @@ def _quantized(artifact: Path, out: Path, precision: str, fresh: bool, **calibra
 
 
 def quantize_demo(workdir: Path, checkpoint: Path, artifact: Path, image: Path, bench=None, fresh: bool = False) -> None:
-    """``bench``: (checkpoint, artifact) of the bench-size p-MoD model, or None (``--quick``)."""
+    """The quantization step: an int8 artifact made from the tiny p-MoD one (check-onnx, validate with
+    the int8 tolerances, an answer next to fp32's); with ``bench`` (checkpoint, artifact) of the
+    bench-size p-MoD model (not with ``--quick``), an int8 bench-size artifact validated and benched
+    next to its fp32 source in one run."""
     from rich.table import Table
+
+    from gammamod.console import StageProgress, console
 
     from gammamod.engines.lint import lint_artifact
     from gammamod.runtime.pipeline import Pipeline
@@ -37,7 +92,7 @@ def quantize_demo(workdir: Path, checkpoint: Path, artifact: Path, image: Path, 
     int8 = _quantized(artifact, workdir / "artifact-p-mod-int8", "int8", fresh, random=2, steps=2)
     findings, _ = lint_artifact(int8, "10.3")
     errors = [f for f in findings if f.severity == "error"]
-    table = Table(title="7. calib quantize int8 (tiny p-MoD): explicit Q/DQ on the projections, routers / norms / MoD "
+    table = Table(title="calib quantize int8 (tiny p-MoD): explicit Q/DQ on the projections, routers / norms / MoD "
                         "nodes / logits in fp32")
     for col in ("artifact", "decoder weights MiB", "TensorRT 10.3 Q/DQ lint", "answer"):
         table.add_column(col, overflow="fold")
@@ -59,7 +114,7 @@ def quantize_demo(workdir: Path, checkpoint: Path, artifact: Path, image: Path, 
     from gammamod.validate.bench import run_bench
 
     bench_int8 = _quantized(bench_art, workdir / "bench-artifact-p-mod-int8", "int8", fresh)
-    console.print("[bold]8. int8 bench-size p-MoD[/bold]: validate against PyTorch, then bench next to fp32 "
+    console.print("[bold]int8 bench-size p-MoD[/bold]: validate against PyTorch, then bench next to fp32 "
                   "(ONNX Runtime CPU)")
     with StageProgress("validate int8") as progress:
         report = run_validate(bench_int8, bench_ckpt, samples=2, steps=8, progress=progress)
