@@ -81,6 +81,8 @@ def quantize_artifact(artifact, out, precision: str, data=None, random: int | No
     stage = progress.stage if progress is not None else (lambda name, total=None: (lambda n=1: None))
     manifest = read_manifest(artifact)
     check_request(manifest, precision, block_size, backend, compute_capability)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise GammamodError(f"--steps {steps!r}: expected 0 or more decode steps per calibration sample")
     scheme = SCHEMES[precision]
     samples = calibration_set(data, random, with_images="vision" in manifest["graphs"])
     kinds = [k for k in DECODER_KINDS if k in manifest["graphs"]]
@@ -207,7 +209,8 @@ def _record(manifest, precision, scheme, block_size, backend, compute_capability
             "quantized": "decoder layers' projections (self_attn qkv/o, mlp gate_up/down): "
                          + ", ".join(f"{n} weights in {k}" for k, n in counts.items()),
             "full_precision": FULL_PRECISION,
-            "calibration_samples": len(samples), "decode_steps": steps,
+            "calibration_samples": len(samples) if scheme.activations else 0,  # int4: weights alone
+            "decode_steps": steps if scheme.activations else 0,
             "min_compute_capability": FP8_MIN_COMPUTE_CAPABILITY if precision == "fp8" else None,
             "target_compute_capability": compute_capability,
             "ort_cpu": {"int8": "fused to MatMulIntegerToFloat", "int4": "fused to MatMulNBits",
