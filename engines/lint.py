@@ -3,7 +3,7 @@
 No TensorRT is needed: the graph is read with the ``onnx`` package and checked against
 :mod:`gammamod.engines.targets`. Errors are what would stop the parse (or, for data-dependent
 shapes, what static-capacity deployment must not contain); warnings are what parses but deserves
-a look.
+a look. Explicit quantization (Q/DQ) is checked against TensorRT's rules in :mod:`.qdq_rules`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from gammamod.errors import GammamodError
 
+from .qdq_rules import QDQ_OPS, check_qdq, uses_blocked_or_int4
 from .targets import DATA_DEPENDENT_OPS, SUPPORTED_OPS, SUPPORTED_TYPES, TOPK_MAX_K, Target, target
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -96,7 +97,12 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
     functions = {(f.domain, f.name): f for f in model.functions}
 
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
-    if opset is None or opset > tgt.max_opset:
+    if opset == 21 and tgt.max_opset == 20 and uses_blocked_or_int4(model.graph):
+        # INT4 weight-only needs opset 21 (INT4, block_size); TensorRT takes it from 10.0 on
+        # (shared/spec/tensorrt-plugins.md); every other op is still checked against its table
+        report("warning", None, f"opset 21 (for INT4 blocked DequantizeLinear) is above the {tgt.max_opset} TensorRT "
+                                f"{tgt.name}'s parser lists; TensorRT reads INT4 weight-only Q/DQ from 10.0 on")
+    elif opset is None or opset > tgt.max_opset:
         report("error", None, f"opset {opset} is above TensorRT {tgt.name}'s maximum ({tgt.max_opset})")
     if model.ir_version > tgt.max_ir_version:
         report("error", None, f"IR version {model.ir_version} is above what TensorRT {tgt.name}'s parser reads "
@@ -108,18 +114,22 @@ def lint_graph(model: onnx.ModelProto, tgt: Target, where: str) -> list[Finding]
             kind = "warning" if elem == onnx.TensorProto.DOUBLE else "error"
             report(kind, None, f"tensor {t.name!r} has type {onnx.TensorProto.DataType.Name(elem)}, which TensorRT "
                                f"{'casts down to FLOAT' if kind == 'warning' else 'does not support'}")
-    _lint_nodes(graph, tgt, functions, report, frozenset())
+    _lint_nodes(graph, tgt, functions, report, frozenset(), {})
     return out
 
 
-def _lint_nodes(graph: onnx.GraphProto, tgt: Target, functions: dict, report, outer: frozenset) -> None:
-    """Lint a graph's nodes, and the branches of its If nodes (which see the outer static values)."""
-    consts = _constant_values(graph)
+def _lint_nodes(graph: onnx.GraphProto, tgt: Target, functions: dict, report, outer: frozenset,
+                outer_consts: dict) -> None:
+    """Lint a graph's nodes, and the branches of its If nodes (which see the outer static values
+    and constants)."""
+    consts = {**outer_consts, **_constant_values(graph)}
     static = _static_values(graph, outer=outer)
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                _lint_nodes(a.g, tgt, functions, report, frozenset(static))
+                _lint_nodes(a.g, tgt, functions, report, frozenset(static), consts)
+        if node.op_type in QDQ_OPS and node.domain in DEFAULT_DOMAINS:
+            check_qdq(node, consts, tgt.name, report)
         custom = node.domain not in DEFAULT_DOMAINS
         if custom:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

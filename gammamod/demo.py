@@ -15,7 +15,9 @@
    feeding a threshold-routed export that equals gamma-MoD's released inference on it;
 8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart;
-9. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
+9. int8 quantization (``calib quantize``): the tiny p-MoD artifact linted, run and validated; without
+   ``--quick`` the bench-size one validated and benched next to fp32;
+10. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
    device memory next to the dense twin's) and a bundle for the Orin (with 8.: the bench-size model too).
 """
 
@@ -61,11 +63,15 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _runtime_table(artifacts, image)
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
+    bench = None
     if not quick:
         from gammamod.calib.demo import run as calibrate
 
         calibrate(workdir, checkpoints["gamma-mod"])
-        _bench_size(workdir, image, fresh)
+        bench = _bench_size(workdir, image, fresh)
+    from gammamod.calib.demo import quantize_demo
+
+    quantize_demo(workdir, checkpoints["p-mod"], artifacts["p-mod"], image, bench, fresh)
     engines_step({**artifacts, **({} if quick else {"bench-size p-mod": workdir / "bench-artifact-p-mod"})}, workdir)
     return 0
 
@@ -275,7 +281,7 @@ def _refusals_table(workdir: Path, checkpoints: dict[str, Path], artifacts: dict
     console.print(table)
 
 
-def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
+def _bench_size(workdir: Path, image: Path, fresh: bool) -> tuple[Path, Path]:
     from rich.markdown import Markdown
 
     from gammamod.export.exporter import ExportOptions, export_artifact
@@ -301,3 +307,4 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     console.print(Markdown((workdir / "bench-results" / "bench.md").read_text()))
     console.print(f"[bold]chart:[/bold] {bench['outputs']['bench.png']}  (table {bench['outputs']['bench.md']}, "
                   f"data {bench['outputs']['bench.json']})", soft_wrap=True)
+    return ckpt, art

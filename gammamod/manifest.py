@@ -32,6 +32,9 @@ Top-level fields (schema_version 2):
   ``check_engines`` reads it.
 * ``quantization`` (optional, the calib stage): ``precision`` of the Q/DQ nodes (int8, fp8, int4).
 * ``tools``: the versions of the tools that wrote the artifact.
+* ``quantization`` (only in artifacts ``gammamod calib quantize`` wrote): precision, method, the
+  weights' and activations' dtype and granularity, the scales' dtype, what stayed in full
+  precision, the calibration, the tolerances ``validate`` holds it to and (once run) its numbers.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ _ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|span_start|span_len
                    r"kept_indices|above_threshold|capacity)\.\d+)$")
 _GRAPH_KINDS = ("decoder", "vision", "decoder_ort", "decode_ort")
 _DTYPES = ("float32", "float16", "bfloat16")
+_STORED_DTYPES = _DTYPES + ("int64", "int32", "int8", "uint8", "int4", "float8e4m3fn")  # quantized weights too
+_PRECISIONS = ("int8", "int4", "fp8")
 ROUTED_MODES = ("static", "threshold")
 
 
@@ -209,8 +214,14 @@ def validate(data, where: Path) -> None:
         _need(file in files and isinstance(table, dict), where, f"weights[{file!r}] must describe a listed file")
         for name, entry in table.items():
             _need(isinstance(entry, list) and len(entry) == 4 and _count(entry[0]) and _count(entry[1])
-                  and entry[0] + entry[1] <= files[file]["bytes"] and entry[2] in _DTYPES + ("int64", "int32"),
+                  and entry[0] + entry[1] <= files[file]["bytes"] and entry[2] in _STORED_DTYPES,
                   where, f"weights[{file!r}][{name!r}] must be [offset, bytes, dtype, shape] inside the file")
+    quant = data.get("quantization")
+    if quant is not None:
+        _need(isinstance(quant, dict) and quant.get("precision") in _PRECISIONS, where,
+              f"quantization.precision must be one of {', '.join(_PRECISIONS)}")
+        _need(model["dtype"] == "float32", where, "a quantized artifact keeps float32 for what is not quantized")
+        _need(isinstance(quant.get("tolerance"), dict), where, "quantization.tolerance must state validate's tolerances")
     emb = data["embeddings"]
     _need(emb.get("file") in files, where, "embeddings.file must name a listed file")
     _need(emb.get("shape") == [model["vocab_size"], model["hidden_size"]], where,

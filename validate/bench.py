@@ -39,6 +39,10 @@ GOALS = {  # measured on this project's 2-core CPU machine with the bench-size m
     "decode runtime vs PyTorch reference": 2.0,
     # gamma-MoD: the decode gate skips layers; the time saved must follow the FLOPs skipped
     "decode MoD vs dense, share of the speedup the gate's skipped FLOPs allow": 0.8,
+    # a quantized artifact against its fp32 source (--compare), ONNX Runtime CPU
+    "prefill int8 vs fp32": 2.5,
+    "decode int8 vs fp32": 3.0,
+    "decode int4 vs fp32": 2.0,
 }
 
 
@@ -443,7 +447,7 @@ def decode_weight_bytes(manifest) -> int:
 def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort", device: str = "cpu",
               threads: int | None = None, tokens: int = 32, warmup: int = 2, repeats: int = 5, out_dir=None,
               sweep: list[float] | None = None, image=None, prompt: str = "What is in the picture?",
-              progress=None) -> dict:
+              progress=None, compare=None) -> dict:
     from gammamod.demo import test_image
     from gammamod.manifest import read_manifest
     from gammamod.runtime.backends.ort import _physical_cores
@@ -461,8 +465,24 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     stage("measuring the machine")()
     before = machine_rates(threads, device)
 
-    label = f"{recipe} / {backend}"
+    precision = (manifest.get("quantization") or {}).get("precision")
+    label = f"{recipe} {precision} / {backend}" if precision else f"{recipe} / {backend}"
     configs = [Config(label, "runtime", artifact=str(artifact), backend=backend, device=device)]
+    manifests = {label: manifest}
+    precisions = {label: precision or _SHORT_DTYPES[manifest["model"]["dtype"]]}
+    for other_dir in compare or []:  # the same model at other precisions, timed in the same rounds
+        other = read_manifest(other_dir)
+        if other["model"]["hidden_size"] != manifest["model"]["hidden_size"] or \
+                other["model"]["num_layers"] != manifest["model"]["num_layers"] or other["recipe"] != manifest["recipe"]:
+            raise GammamodError(f"--compare {other_dir}: not the same model as {artifact} (geometry or recipe differ)")
+        other_precision = (other.get("quantization") or {}).get("precision") or _SHORT_DTYPES[other["model"]["dtype"]]
+        other_label = f"{recipe} {other_precision} / {backend}"
+        if other_label in manifests:
+            raise GammamodError(f"--compare {other_dir}: a second {other_precision} artifact; compare each precision "
+                                "once (quantized artifacts against their fp32 source)")
+        configs.append(Config(other_label, "runtime", artifact=str(other_dir), backend=backend, device=device))
+        manifests[other_label] = other
+        precisions[other_label] = other_precision
     if dense_artifact is not None:
         configs.append(Config(f"dense / {backend}", "runtime", artifact=str(dense_artifact), backend=backend,
                               device=device))
@@ -482,12 +502,13 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     flops = {"routed": prefill_flops(manifest, seq_len, span), "dense": prefill_flops(manifest, seq_len)}
     weight_bytes = decode_weight_bytes(manifest)
     for name, r in results.items():
+        read_weights = decode_weight_bytes(manifests[name]) if name in manifests else weight_bytes
         is_routed = routed and not name.startswith("dense")
         r["prefill_gflop"] = flops["routed" if is_routed else "dense"] / 1e9
         r["prefill_gflops"] = r["prefill_gflop"] / (r["prefill_ms"] / 1e3)
         on_device = machine is not None and (r["kind"] == "runtime" or device == "cpu")
         r["prefill_roofline"] = r["prefill_gflops"] / machine["matmul_gflops"] if on_device else None
-        read = weight_bytes + r["kv_bytes"]
+        read = read_weights + r["kv_bytes"]
         r["decode_bytes_per_token"] = read
         r["decode_gbps"] = read / (r["decode_ms_per_token"] / 1e3) / 1e9
         r["decode_roofline"] = r["decode_gbps"] / machine["memory_gbps"] if on_device else None
@@ -520,10 +541,18 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
                                                          / results[label]["decode_ms_per_token"])
         ratios["prefill runtime vs PyTorch reference"] = (results[pytorch_label]["prefill_ms"]
                                                           / results[label]["prefill_ms"])
+    baseline = next((name for name, m in manifests.items() if not m.get("quantization")), None)
+    if compare and baseline is not None:  # each quantized configuration against the unquantized one
+        for name, m in manifests.items():
+            if m.get("quantization"):
+                for stage_name, key in (("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")):
+                    ratios[f"{stage_name} {precisions[name]} vs {precisions[baseline]}"] = (
+                        results[baseline][key] / results[name][key])
     # the goals are set for ONNX Runtime on CPU against CPU baselines
     goals = [_goal(name, ratios[name]) for name in GOALS if name in ratios] if device == "cpu" else []
 
     report = {"artifact": str(artifact), "reference": str(reference) if reference else None,
+              "compare": [str(c) for c in compare or []], "quantization": precision,
               "dense_artifact": str(dense_artifact) if dense_artifact else None, "recipe": recipe,
               "dtype": manifest["model"]["dtype"], "prompt": prompt, "image": image, "seq_len": seq_len,
               "decode_tokens": tokens, "warmup": warmup, "repeats": repeats, "threads": threads, "device": device,
@@ -537,6 +566,9 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
                                  threads, warmup, repeats, backend, device, stage, progress)
     write_outputs(report, out_dir)
     return report
+
+
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def _goal(name: str, value: float) -> dict:
@@ -554,7 +586,7 @@ def _dense_twin(reference, manifest, out_dir: Path, stage) -> Path:
         if cached["model"] == manifest["model"] and cached["source"]["checkpoint"] == manifest["source"]["checkpoint"]:
             return dense
     stage("exporting the dense baseline")()
-    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest["model"]["dtype"]]
+    dtype = _SHORT_DTYPES[manifest["model"]["dtype"]]
     export_artifact(reference, dense, ExportOptions(routing="dense", dtype=dtype, force=True,
                                                     max_batch=manifest["kv_cache"]["max_batch"],
                                                     max_seq=manifest["kv_cache"]["max_seq"]))
@@ -567,7 +599,7 @@ def _sweep(reference, manifest, ratios, out_dir, results, dense_label, image, pr
     from gammamod.manifest import read_manifest
     from gammamod.runtime.capacity import decimal_fraction
 
-    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest["model"]["dtype"]]
+    dtype = _SHORT_DTYPES[manifest["model"]["dtype"]]
     configs = []
     for r in ratios:
         art = out_dir / f"sweep-skip-{r:g}"
@@ -612,7 +644,8 @@ def markdown(report: dict) -> str:
                "read (both measured with ONNX Runtime)." if m else
                "Machine rates: not measured (ONNX Runtime has no provider for this device).")
     gpu = any(r.get("device_memory_mib") is not None for r in report["configs"].values())
-    lines = [f"# gammamod bench: {report['recipe']} ({report['dtype']})", "",
+    title = f"{report['quantization']} quantized" if report.get("quantization") else report["dtype"]
+    lines = [f"# gammamod bench: {report['recipe']} ({title})", "",
              f"Prompt of {report['seq_len']} tokens (image + {report['prompt']!r}), {report['decode_tokens']} greedy "
              f"decode tokens, median of {report['repeats']} rounds after {report['warmup']} warm-up, "
              f"{report['threads']} threads. {machine}", "",

@@ -48,7 +48,7 @@ def cmd_bench(args) -> int:
         report = run_bench(args.artifact, reference=args.reference, dense_artifact=args.dense, backend=args.backend,
                            device=args.device, threads=args.threads, tokens=args.tokens, warmup=args.warmup,
                            repeats=args.repeats, out_dir=args.out, sweep=args.sweep, image=args.image,
-                           progress=progress)
+                           progress=progress, compare=args.compare)
     from rich.markdown import Markdown
 
     console.print(Markdown(Path(report["outputs"]["bench.md"]).read_text()))
@@ -90,6 +90,9 @@ def register(sub) -> None:
     p.add_argument("--reference", type=Path, default=None, help="the checkpoint: PyTorch baselines and, unless "
                    "--dense, the dense twin export")
     p.add_argument("--dense", type=Path, default=None, help="the dense twin artifact (export --dense)")
+    p.add_argument("--compare", type=Path, action="append", default=None, metavar="ARTIFACT",
+                   help="time this artifact too, in the same rounds: a quantized artifact against its fp32 source "
+                        "(repeat for more precisions); ratios of each quantized one against the fp32 one")
     p.add_argument("--backend", default="ort", choices=("ort", "tensorrt"))
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=positive_int, default=None, help="threads for every configuration "
