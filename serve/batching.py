@@ -101,7 +101,7 @@ class ContinuousBatcher:
     def load(self) -> dict:
         with self._wake:
             return {"active": sum(r is not None for r in self.rows), "waiting": len(self._waiting),
-                    "max_batch": self.max_batch, "steps": self.steps}
+                    "max_batch": self.max_batch, "steps": self.steps, "busiest_step": self.busiest}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; running and waiting ones are told the server is going away."""
