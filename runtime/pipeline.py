@@ -46,6 +46,7 @@ class GenerationStats:
     new_tokens: int = 0  # decode steps x rows
     steps: int = 0
     kv_bytes_per_layer: list[int] = field(default_factory=list)  # valid KV entries after generation
+    capacity_overflows: dict = field(default_factory=dict)  # threshold routing: MoD layer -> rows overflowed
 
     @property
     def kv_bytes(self) -> int:
@@ -294,8 +295,10 @@ class Pipeline:
                     blocks.append((at, f.shape[0]))
                     at += f.shape[0]
             rows.append(np.concatenate(parts))
-            spans.append(routable_span(self.manifest["routing"]["span"], blocks)
-                         if self.manifest.routed else None)
+            if self.manifest["routing"]["mode"] == "threshold":
+                spans.append((0, rows[-1].shape[0]))  # the released inference routes the whole prompt
+            else:
+                spans.append(routable_span(self.manifest["routing"]["span"], blocks) if self.manifest.routed else None)
         lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
         max_seq = self.manifest["kv_cache"]["max_seq"]
         if lengths.max() > max_seq:
@@ -371,4 +374,5 @@ class Pipeline:
             stats.new_tokens += b
         stats.decode_s = time.perf_counter() - t0
         stats.kv_bytes_per_layer = [int(x) for x in gen.kv_bytes()]
+        stats.capacity_overflows = {layer: n for layer, n in gen.overflows.items() if n}
         return [answer.result(prepared.lengths[row]) for row, answer in enumerate(answers)]
