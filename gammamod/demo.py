@@ -53,6 +53,9 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
         _bench_size(workdir, image, fresh)
+    from gammamod.serve.demo import serving_demo
+
+    serving_demo(workdir, artifacts["p-mod"], image, routing_of=None if quick else workdir / "bench-artifact-p-mod")
     return 0
 
 

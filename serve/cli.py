@@ -28,7 +28,8 @@ def cmd_triton_repo(args) -> int:
 
     from .triton_repo import write_triton_repo
 
-    out = write_triton_repo(args.artifact, args.out, force=args.force, copy=args.copy, max_batch=args.max_batch)
+    out = write_triton_repo(args.artifact, args.out, force=args.force, copy=args.copy, max_batch=args.max_batch,
+                            device=args.device, python_site=args.python_site)
     console.print(f"wrote the Triton model repository {out}; see {out / 'README.md'}", markup=False, soft_wrap=True)
     return 0
 
@@ -68,5 +69,9 @@ def register(sub) -> None:
                    "symbolic links to them)")
     p.add_argument("--max-batch", type=positive_int, default=None, help="rows the generate model decodes together "
                    "(default: the artifact's max batch)")
+    p.add_argument("--device", default="cpu", help="where the generate models run the artifact: cpu, cuda:N")
+    p.add_argument("--python-site", type=Path, action="append", default=[], metavar="DIR",
+                   help="a site-packages directory holding gammamod, added by the generate models before importing "
+                        "it (Triton's Python backend is isolated from PYTHONPATH); repeatable")
     p.add_argument("--force", action="store_true", help="replace a repository gammamod wrote")
     p.set_defaults(func=cmd_triton_repo)

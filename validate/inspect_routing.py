@@ -179,7 +179,8 @@ def draw(routing: Routing, out: Path, prompt: str = "", dpi: int = 100) -> Path:
     map_h = 1.75 + extra_title
     fig = plt.figure(figsize=(1.7 * max(cols, 6), map_h * rows + 3.6), dpi=dpi)
     grid = fig.add_gridspec(rows + 1, cols, height_ratios=[map_h] * rows + [3.0], hspace=0.55, wspace=0.15,
-                            left=0.06, right=0.98, top=1 - 0.7 / (map_h * rows + 3.6), bottom=0.08)
+                            left=0.06, right=0.98, top=1 - (1.0 if prompt else 0.7) / (map_h * rows + 3.6),
+                            bottom=0.08)
     axes = {}
     for i, layer in enumerate(layers):
         ax = fig.add_subplot(grid[i // cols, i % cols])
