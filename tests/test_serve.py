@@ -242,20 +242,14 @@ def test_local_files_only_when_allowed(art_pmod, test_image_path):
         assert status == 400 and "absolute path" in answer["error"]["message"]
 
 
-def test_serve_cli_runs_without_torch_and_stops_on_sigterm(art_pmod, tmp_path):
+def test_serve_cli_runs_without_torch_and_stops_on_sigterm(art_pmod, tmp_path, no_torch_prelude):
     """`gammamod serve` in its own process, torch blocked: it answers on 127.0.0.1, then SIGTERM
     ends it cleanly. The port is one the kernel just handed out."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = tmp_path / "serve_no_torch.py"
-    script.write_text(f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
+    script.write_text(no_torch_prelude + f"""
 from gammamod.cli import main
 sys.exit(main(["serve", {str(art_pmod)!r}, "--port", "{port}", "--max-batch", "2", "--model-name", "tiny"]))
 """)
