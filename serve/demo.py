@@ -20,7 +20,7 @@ def serving_demo(workdir: Path, artifact: Path, image: Path, routing_of: Path | 
     question = "What is in the picture?"
     routing, png, _ = run_inspect(routing_of or artifact, image, question, workdir / "routing.png", force=True)
     image_kept = [routing.counts(layer)["image"] for layer in sorted(routing.kept)]
-    console.print(f"[bold]7. Routing[/bold] of {routing.recipe} ({routing.source}): image patches kept per MoD layer "
+    console.print(f"[bold]7. Routing[/bold] of {routing.recipe}, {routing.source}: image patches kept per MoD layer "
                   f"{image_kept[0]} ... {image_kept[-1]} of {routing.image_block[1]}; picture: {png}", soft_wrap=True)
     try:
         import openai
