@@ -10,7 +10,9 @@
 5. one artifact, several prompt layouts: a custom system prompt and text before the image move
    the routed span; the runtime finds it and answers as PyTorch does;
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
-7. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+7. calibrate: ARank on the tiny gamma-MoD checkpoint; capacities from the shipped calibration set
+   feeding a threshold-routed export that equals gamma-MoD's released inference on it;
+8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
 """
 
@@ -52,6 +54,9 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
+        from gammamod.calib.demo import run as calibrate
+
+        calibrate(workdir, checkpoints["gamma-mod"])
         _bench_size(workdir, image, fresh)
     from gammamod.serve.demo import serving_demo
 
@@ -279,7 +284,7 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     if fresh or not _current(art):
         with StageProgress("export bench-size p-mod") as progress:
             export_artifact(ckpt, art, ExportOptions(force=True), progress=progress)
-    console.print("[bold]6. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
+    console.print("[bold]7. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
     with StageProgress("validate") as progress:
         report = run_validate(art, ckpt, samples=2, steps=8, progress=progress)
     write_report(report, workdir / "bench-validate.json")
