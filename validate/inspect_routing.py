@@ -121,7 +121,7 @@ def _from_runtime(artifact: Path, image, prompt: str, system: str | None) -> Rou
     gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
     seq_len = int(prepared.lengths[0])
     # a threshold-routed artifact pads each row's kept indices after its own count
-    counts = getattr(gen, "kept_per_row", {})
+    counts = gen.kept_per_row
     kept = {layer: np.sort(np.asarray(idx[0][:int(counts[layer][0])] if layer in counts else idx[0], dtype=np.int64))
             for layer, idx in gen.kept.items()}
     flops, dense = _layer_flops(_config(pipe.manifest), seq_len, kept)
