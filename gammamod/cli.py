@@ -1,7 +1,7 @@
 """The ``gammamod`` command line.
 
 An index: each stage wires its own subcommands (``export/cli.py``, ``engines/cli.py``,
-``runtime/cli.py``, ``validate/cli.py``) and this module assembles them, holds the argument types
+``runtime/cli.py``, ``validate/cli.py``, ``serve/cli.py``) and this module assembles them, holds the argument types
 they share, and is the one place errors are printed. Heavy imports (torch) happen inside the
 handlers, so ``gammamod --help`` and the runtime commands start fast.
 User errors are :class:`GammamodError` and are printed once, here, on one line.
@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gammamod.engines import cli as engines_cli
     from gammamod.export import cli as export_cli
     from gammamod.runtime import cli as runtime_cli
+    from gammamod.serve import cli as serve_cli
     from gammamod.validate import cli as validate_cli
 
-    for stage in (export_cli, calib_cli, engines_cli, runtime_cli, validate_cli):
+    for stage in (export_cli, calib_cli, engines_cli, runtime_cli, validate_cli, serve_cli):
         stage.register(sub)
     p = sub.add_parser("demo", help="run the pipeline end to end on seeded tiny checkpoints",
                        description="Make tiny gamma-MoD and p-MoD checkpoints, generate from the bundled test "

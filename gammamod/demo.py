@@ -70,9 +70,11 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
         calibrate(workdir, checkpoints["gamma-mod"])
         bench = _bench_size(workdir, image, fresh)
     from gammamod.calib.demo import quantize_demo
+    from gammamod.serve.demo import serving_demo
 
     quantize_demo(workdir, checkpoints["p-mod"], artifacts["p-mod"], image, bench, fresh)
     engines_step({**artifacts, **({} if quick else {"bench-size p-mod": workdir / "bench-artifact-p-mod"})}, workdir)
+    serving_demo(workdir, artifacts["p-mod"], image, routing_of=None if quick else workdir / "bench-artifact-p-mod")
     return 0
 
 

@@ -5,6 +5,12 @@ returns the last position's logits; ``gen.decode(token_ids)`` feeds the chosen t
 the next logits; ``gen.extend(inputs_embeds)`` feeds a chunk (a later turn); ``gen.kv_lengths()``
 gives each layer's cached entries per row.
 
+Continuous batching (a fixed batch of rows as slots, each request joining at the next step and
+leaving when done): ``decode(ids, active=mask)`` and ``extend(chunk, lengths)`` take rows of
+length 0, which are idle (their cache and lengths stay as they are); ``gen.place(row, lone)``
+moves a sequence prefilled alone (a batch-1 generator) into a free row, and ``gen.release(row)``
+frees it.
+
 Every call runs the one decoder graph. The routed span comes with the call: one ``(start,
 length)`` for the batch or one per row (the length shared by the batch); each MoD layer's kept
 count is computed here from the manifest's rule (``runtime.capacity``), so one artifact serves any
@@ -82,7 +88,8 @@ class Generator:
         self._started = False
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check_embeds(self, inputs_embeds: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
+    def _check_embeds(self, inputs_embeds: np.ndarray, lengths, idle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``idle``: rows of length 0 are allowed (they sit the call out), as long as one row runs."""
         x = np.asarray(inputs_embeds)
         if x.ndim != 3 or x.shape[0] != self.batch_size or x.shape[2] != self.hidden or x.shape[1] < 1:
             raise GammamodError(f"inputs_embeds of shape {list(x.shape)}: expected [{self.batch_size}, tokens, "
@@ -93,8 +100,10 @@ class Generator:
             raise GammamodError("inputs_embeds hold NaN or infinite values")
         t = x.shape[1]
         lengths = np.full(self.batch_size, t, np.int64) if lengths is None else np.asarray(lengths, np.int64)
-        if lengths.shape != (self.batch_size,) or (lengths < 1).any() or (lengths > t).any():
-            raise GammamodError(f"lengths {lengths.tolist()}: expected {self.batch_size} row lengths in [1, {t}]")
+        low = 0 if idle else 1
+        if lengths.shape != (self.batch_size,) or (lengths < low).any() or (lengths > t).any() or not lengths.any():
+            raise GammamodError(f"lengths {lengths.tolist()}: expected {self.batch_size} row lengths in [{low}, {t}]"
+                                + (", at least one above 0" if idle else ""))
         return np.ascontiguousarray(x, dtype=self.dtype), lengths
 
     def embed(self, token_ids) -> np.ndarray:
@@ -131,17 +140,47 @@ class Generator:
         return self._run(x, lengths, spans)
 
     def extend(self, inputs_embeds, lengths=None) -> np.ndarray:
-        """Feed a chunk of tokens (a later turn, or one decode step) after what is cached."""
+        """Feed a chunk of tokens (a later turn, or one decode step) after what is cached. A row of
+        length 0 is idle: nothing is appended to its cache (its logits are meaningless)."""
         if not self._started:
             raise GammamodError("decode/extend before prefill: start each sequence with Generator.prefill")
-        x, lengths = self._check_embeds(inputs_embeds, lengths)
+        x, lengths = self._check_embeds(inputs_embeds, lengths, idle=True)
         return self._run(x, lengths, None)
 
-    def decode(self, token_ids) -> np.ndarray:
-        """Feed one token per row ([B], or [B, T] for several) and return the next logits [B, V]."""
+    def decode(self, token_ids, active=None) -> np.ndarray:
+        """Feed one token per row ([B], or [B, T] for several) and return the next logits [B, V].
+        ``active`` [B] (bools): only those rows take their token; the others are idle."""
         if not self._started:
             raise GammamodError("decode/extend before prefill: start each sequence with Generator.prefill")
-        return self.extend(self.embed(token_ids))
+        x = self.embed(token_ids)
+        if active is None:
+            return self.extend(x)
+        mask = np.asarray(active)
+        if mask.dtype != bool or mask.shape != (self.batch_size,):
+            raise GammamodError(f"active: expected {self.batch_size} booleans, one per row")
+        return self.extend(x, lengths=np.where(mask, x.shape[1], 0))
+
+    def place(self, row: int, source: "Generator", source_row: int = 0) -> None:
+        """Copy ``source``'s sequence in ``source_row`` (typically a batch-1 generator that prefilled
+        one request alone) into this generator's ``row``, which then continues it: its KV entries
+        in every layer, their lengths and the position. The row's previous sequence is dropped."""
+        if source.manifest.root != self.manifest.root or source.dtype != self.dtype:
+            raise GammamodError("place: the source generator must come from the same artifact")
+        if not 0 <= row < self.batch_size or not 0 <= source_row < source.batch_size:
+            raise GammamodError(f"place: row {row} of {self.batch_size} from row {source_row} of {source.batch_size}")
+        if not source._started:
+            raise GammamodError("place: the source generator holds no sequence (prefill it first)")
+        if not hasattr(self.cache, "copy_row"):
+            raise GammamodError(f"place: the {self.backend.name} backend's KV cache cannot move rows yet")
+        for layer in range(self.layers):
+            self.cache.copy_row(layer, row, source.cache, source_row)
+        self.past_length[row] = source.past_length[source_row]
+        self._started = True
+
+    def release(self, row: int) -> None:
+        """Forget the sequence in ``row`` (its slot is free; its entries are no longer counted)."""
+        self.cache.lengths[:, row] = 0
+        self.past_length[row] = 0
 
     def kv_lengths(self) -> np.ndarray:
         """[layers, B]: entries in each layer's cache, per row."""
@@ -177,7 +216,7 @@ class Generator:
                                         f"span length: rows of {sorted(set(lengths.tolist()))} tokens must be run "
                                         "in separate calls")
                 spans = (np.zeros(self.batch_size, np.int64), t)
-        if int((self.past_length + t).max()) > self.max_seq:
+        if int((self.past_length + t)[lengths > 0].max()) > self.max_seq:  # idle rows do not grow
             raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq} "
                                 f"({int(self.past_length.max())} cached + {t} new tokens)")
         feeds = {"inputs_embeds": x, "seq_lengths": lengths, "past_length": self.past_length.copy()}
@@ -190,8 +229,9 @@ class Generator:
             outs = self._run_in_place("decode_ort" if step else "decoder_ort", feeds)
         else:
             outs = self._run_portable(feeds)
-        for layer in range(self.layers):
-            self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
+        idle = lengths == 0
+        for layer in range(self.layers):  # an idle row keeps its length (see _kv_length_feed)
+            self.cache.lengths[layer] = np.where(idle, self.cache.lengths[layer], outs[f"new_kv_length.{layer}"])
         if spans is not None:
             self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in counts}
             if self.mode == "threshold":
@@ -203,11 +243,18 @@ class Generator:
         self.past_length += lengths
         return outs["logits"]
 
+    def _kv_length_feed(self, layer: int, lengths: np.ndarray) -> np.ndarray:
+        """The layer's cache lengths as the graph takes them. An idle row (no new token) with an empty
+        cache is shown one entry: attention needs a key to look at (ONNX Runtime's GroupQueryAttention
+        refuses a row with none), its output for that row is never used, and nothing is appended."""
+        kv = self.cache.lengths[layer].copy()
+        return np.where((lengths == 0) & (kv == 0), 1, kv)
+
     def _run_portable(self, feeds: dict) -> dict:
         for layer in range(self.layers):
             feeds[f"past_key.{layer}"] = self.cache.keys(layer)
             feeds[f"past_value.{layer}"] = self.cache.values(layer)
-            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
+            feeds[f"kv_length.{layer}"] = self._kv_length_feed(layer, feeds["seq_lengths"])
         outs = self._runners("decoder").run(feeds)
         for layer in range(self.layers):
             self.cache.write(layer, outs[f"present_key.{layer}"], outs[f"present_value.{layer}"])
@@ -224,7 +271,7 @@ class Generator:
         for layer, (keys, values) in enumerate(self._bound):
             feeds[f"past_key.{layer}"] = keys
             feeds[f"past_value.{layer}"] = values
-            feeds[f"kv_length.{layer}"] = self.cache.lengths[layer].copy()
+            feeds[f"kv_length.{layer}"] = self._kv_length_feed(layer, feeds["seq_lengths"])
             into[f"present_key.{layer}"] = keys
             into[f"present_value.{layer}"] = values
         return runner.run(feeds, outputs, into=into)

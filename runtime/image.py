@@ -21,32 +21,34 @@ DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: refuse before decoding, not after
 
 
-def load_image(path: str | os.PathLike):
-    """Open an image file as RGB (see :func:`to_rgb`), with a one-line error for anything
+def load_image(path, where: str | None = None):
+    """Open an image file (a path, or a binary file object such as ``io.BytesIO``) as RGB (see
+    :func:`to_rgb`), with a one-line error naming ``where`` (default: the path) for anything
     unreadable, and without decoding images of more than ``MAX_PIXELS`` pixels."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
+    name = where or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise GammamodError(f"{path}: {w}x{h} is {w * h} pixels, more than the {MAX_PIXELS} this "
+                    raise GammamodError(f"{name}: {w}x{h} is {w * h} pixels, more than the {MAX_PIXELS} this "
                                         "runtime decodes (a decompression bomb?); downscale it first")
                 img.load()
-                return to_rgb(img, str(path))
+                return to_rgb(img, name)
     except FileNotFoundError:
-        raise GammamodError(f"{path}: no such image file") from None
+        raise GammamodError(f"{name}: no such image file") from None
     except IsADirectoryError:
-        raise GammamodError(f"{path}: is a directory, expected an image file") from None
+        raise GammamodError(f"{name}: is a directory, expected an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise GammamodError(f"{path}: more than {MAX_PIXELS} pixels (a decompression bomb?); downscale it "
+        raise GammamodError(f"{name}: more than {MAX_PIXELS} pixels (a decompression bomb?); downscale it "
                             "first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise GammamodError(f"{path}: not a readable image ({type(e).__name__})") from None
+        raise GammamodError(f"{name}: not a readable image ({type(e).__name__})") from None
 
 
 def to_rgb(img, where: str = "image"):

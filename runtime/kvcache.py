@@ -88,6 +88,15 @@ class KVCache:
             kv[b, :, s:s + t] = keys[b]
             vv[b, :, s:s + t] = values[b]
 
+    def copy_row(self, layer: int, row: int, source: "KVCache", source_row: int) -> None:
+        """Take ``source``'s entries of ``layer`` in ``source_row`` (another cache of the same
+        geometry) into ``row``: a sequence prefilled alone joins a batch."""
+        n = int(source.lengths[layer, source_row])
+        self.reserve(layer, n)
+        self.keys(layer)[row, :, :n] = source.keys(layer)[source_row, :, :n]
+        self.values(layer)[row, :, :n] = source.values(layer)[source_row, :, :n]
+        self.lengths[layer, row] = n
+
     def commit(self) -> None:
         """Touch every page of the reserved buffers now, so memory is fixed from the start (no page
         faults, no growth while generating)."""

@@ -113,6 +113,47 @@ class TextStream:
         return delta
 
 
+class Answer:
+    """One row's answer as its tokens are chosen: the end-of-sequence token ends it (and is not
+    kept), a stop string ends it (the text cut before it), and ``push`` returns the text to
+    stream. ``history``: the ids the repetition penalty sees (prompt and answer), or None."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None, history: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = list(stop or ())
+        self.history = history
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None  # eos | stop, once done
+        self._stream = TextStream(tokenizer)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> str:
+        token = int(token)
+        if token == self.tokenizer.eos_id:
+            self.finish_reason = "eos"
+            return ""
+        self.tokens.append(token)
+        if self.history is not None:
+            self.history.append(token)
+        before = len(self.text)
+        self.text += self._stream.push(token)
+        hits = [self.text.index(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop"
+        return self.text[before:]
+
+    def result(self, prompt_tokens: int) -> GenerationResult:
+        """The answer so far; ``length`` when neither the end-of-sequence token nor a stop ended it."""
+        text = self.text if self.finish_reason == "stop" else self.tokenizer.decode(self.tokens)
+        return GenerationResult(text=text, tokens=list(self.tokens), finish_reason=self.finish_reason or "length",
+                                prompt_tokens=int(prompt_tokens))
+
+
 class Pipeline:
     def __init__(self, manifest, backend, tokenizer: Tokenizer | None):
         self.manifest = manifest
@@ -201,13 +242,15 @@ class Pipeline:
         features = self.runner("vision").run({"pixel_values": pixels})["image_features"]
         return list(features)
 
-    def prepare(self, images, prompts: list[str], features: list | None = None, system: str | None = None) -> Prepared:
+    def prepare(self, images, prompts: list[str], features: list | None = None, system: str | None = None,
+                rendered: bool = False) -> Prepared:
         """Render the template, tokenise with ``<image>`` expansion, embed, splice image features,
         and find each row's routed span (the recipe's: p-MoD's image tokens, gamma-MoD's system
         prompt and images). ``images``: None, or per prompt an image or a list of images, one for
         each ``<image>`` in the prompt (a prompt without the marker gets its one image first, as
         LLaVA does); ``features``: the same, already encoded ([tokens, hidden] arrays); ``system``
-        replaces the template's system prompt."""
+        replaces the template's system prompt; ``rendered``: the prompts are already whole conversations
+        in the template (``Template.render``), with an ``<image>`` marker for each image."""
         if self.tokenizer is None or self.template is None:
             raise GammamodError(f"{self.manifest.root}: the artifact has no tokenizer; use a Generator with your "
                                 "own embeddings")
@@ -226,10 +269,10 @@ class Pipeline:
             marks = p.count(IMAGE_TOKEN)
             if marks and marks != len(row_images):
                 raise GammamodError(f"prompt {b} has {marks} {IMAGE_TOKEN} markers and {len(row_images)} images")
-            if not marks and len(row_images) > 1:
+            if not marks and (len(row_images) > 1 or rendered and row_images):
                 raise GammamodError(f"prompt {b}: {len(row_images)} images need {IMAGE_TOKEN} markers saying where "
                                     "each goes")
-            texts.append(self.template.prompt(p, has_image=bool(row_images), system=system))
+            texts.append(p if rendered else self.template.prompt(p, has_image=bool(row_images), system=system))
         ids = [tokenize_with_image(self.tokenizer, t) for t in texts]
         if features is None:
             flat = self.encode_images([im for row in per_row for im in row])
@@ -308,39 +351,22 @@ class Pipeline:
                      repetition_penalty, stop, stream, seed, stats: GenerationStats) -> list[GenerationResult]:
         b = gen.batch_size
         rng = np.random.default_rng(seed)
-        eos = self.tokenizer.eos_id
-        history = ([[t for t in row if t >= 0] for row in prepared.token_ids]  # drop the image placeholder
-                   if repetition_penalty != 1.0 else None)
-        out_tokens: list[list[int]] = [[] for _ in range(b)]
-        streams = [TextStream(self.tokenizer) for _ in range(b)]
-        done = [None] * b
-        texts = [""] * b
+        answers = [Answer(self.tokenizer, stop, [t for t in row if t >= 0] if repetition_penalty != 1.0 else None)
+                   for row in prepared.token_ids]  # the history drops the image placeholder
+        history = [a.history for a in answers] if repetition_penalty != 1.0 else None
         t0 = time.perf_counter()
         # every token but the last one chosen is fed back: the sequence may grow to max_seq entries
         room = int(gen.max_seq - gen.past_length.max())
         budget = min(max_new_tokens, room + 1)
         for step in range(budget):
             nxt = choose(logits, temperature, top_k, top_p, repetition_penalty, history, rng)
-            for row in range(b):
-                if done[row]:
+            for row, answer in enumerate(answers):
+                if answer.done:
                     continue
-                token = int(nxt[row])
-                if token == eos:
-                    done[row] = "eos"
-                    continue
-                out_tokens[row].append(token)
-                if history is not None:
-                    history[row].append(token)
-                before = len(texts[row])
-                texts[row] += streams[row].push(token)
-                hits = [texts[row].index(s) for s in stop or () if s in texts[row]]
-                if hits:
-                    texts[row] = texts[row][:min(hits)]
-                    done[row] = "stop"
-                delta = texts[row][before:]
+                delta = answer.push(nxt[row])
                 if stream is not None and delta:
                     stream(row, delta)
-            if all(done) or step + 1 == budget:
+            if all(a.done for a in answers) or step + 1 == budget:
                 self.unfed = [int(t) for t in nxt]  # chosen but not yet fed to the model (chat continues from them)
                 break
             logits = gen.decode(nxt)
@@ -349,9 +375,4 @@ class Pipeline:
         stats.decode_s = time.perf_counter() - t0
         stats.kv_bytes_per_layer = [int(x) for x in gen.kv_bytes()]
         stats.capacity_overflows = {layer: n for layer, n in gen.overflows.items() if n}
-        results = []
-        for row in range(b):
-            text = texts[row] if done[row] == "stop" else self.tokenizer.decode(out_tokens[row])
-            results.append(GenerationResult(text=text, tokens=out_tokens[row], finish_reason=done[row] or "length",
-                                            prompt_tokens=int(prepared.lengths[row])))
-        return results
+        return [answer.result(prepared.lengths[row]) for row, answer in enumerate(answers)]

@@ -9,4 +9,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 quiet .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all,test]"
+# Triton tests (tests/test_triton.py): nvidia-pytriton ships a real tritonserver and its Python backend
+# (~145 MiB). Installed without its dependencies: its own proxy pins numpy<2, and we use only the binaries.
+# Its Python-backend stub is built against NumPy 1.x, so that interpreter gets a NumPy 1 of its own (~80 MiB).
+quiet .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
+if [ ! -d .venv/triton-python/numpy ]; then
+  quiet .venv/bin/python -m pip install -q --disable-pip-version-check --target .venv/triton-python "numpy>=1.26,<2"
+fi
 .venv/bin/python -c "import torch, gammamod; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -109,3 +109,15 @@ def art_gamma_fp16(tiny_root, tiny_gamma) -> Path:
 @pytest.fixture(scope="session")
 def prompts_and_image(test_image_path):
     return ["What is in the picture?", "Describe the colours and the shapes you see, please."], test_image_path
+
+
+@pytest.fixture(scope="session")
+def no_torch_prelude() -> str:
+    """The first lines of a test script in which importing torch fails outright."""
+    return """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""

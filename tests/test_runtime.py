@@ -50,17 +50,11 @@ def test_text_only_prompt_runs_without_routing(tiny_pmod, art_pmod):
     assert got.tokens == [t for t in want.tokens if t != pipe.tokenizer.eos_id]
 
 
-def test_runtime_never_loads_torch(art_gamma, test_image_path, tmp_path):
+def test_runtime_never_loads_torch(art_gamma, test_image_path, tmp_path, no_torch_prelude):
     """In a fresh interpreter where importing torch fails outright, a full generation runs, and
     no torch module is loaded."""
     script = tmp_path / "no_torch.py"
-    script.write_text(f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
+    script.write_text(no_torch_prelude + f"""
 import gammamod.runtime
 from gammamod.runtime.pipeline import Pipeline
 from gammamod.runtime.chat import Chat

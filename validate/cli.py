@@ -1,4 +1,4 @@
-"""The validate stage's subcommands: validate, bench."""
+"""The validate stage's subcommands: validate, bench, inspect."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from gammamod.console import console
+    from gammamod.validate.inspect_routing import run_inspect
+
+    routing, png, data = run_inspect(args.source, args.image, args.prompt, args.out, system=args.system,
+                                     routing=args.routing, vision_tower=args.vision_tower, force=args.force)
+    for layer in sorted(routing.kept):
+        c = routing.counts(layer)
+        sys_share = f", system prompt {c['routed_text']}/{c['routed_text_total']}" if c["routed_text_total"] else ""
+        console.print(f"layer {layer}: kept {c['image']}/{c['image_total']} image patches{sys_share}", markup=False)
+    console.print(f"picture: {png}; numbers: {data}", markup=False, soft_wrap=True)
+    return 0
+
+
 def register(sub) -> None:
     """Add this stage's subcommands to the command line."""
     p = sub.add_parser("validate", help="compare an artifact with the PyTorch reference on every backend",
@@ -106,3 +120,18 @@ def register(sub) -> None:
     p.add_argument("--sweep", type=_sweep_arg, default=None, metavar="skip-ratio=R1,R2,...",
                    help="gamma-MoD: also export and time these skip ratios, and plot speedup against them")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("inspect", help="draw which image patches each MoD layer keeps",
+                       description="Run one prompt about one image and draw, per MoD layer, the image patches the "
+                                   "router kept (bright) and skipped (dim), with kept tokens and FLOPs per layer. "
+                                   "From an artifact: the deployed graph's routing (runtime); from a checkpoint: the "
+                                   "PyTorch model's.")
+    p.add_argument("source", type=Path, metavar="ARTIFACT|CKPT")
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, default=Path("routing.png"), help="the PNG (routing.json beside it)")
+    p.add_argument("--system", default=None, help="system prompt in place of the template's")
+    p.add_argument("--routing", default="static", choices=("static", "reference"),
+                   help="a checkpoint's routing mode (default static, what the export deploys)")
+    p.add_argument("--vision-tower", type=Path, default=None)
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_inspect)
