@@ -199,8 +199,11 @@ class PromptBatch:
 
 def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values=None) -> PromptBatch:
     """Tokenise LLaVA prompts (``<image>`` marks where the image goes), embed them and splice in
-    the projected image features. ``pixel_values`` [B, 3, H, W] (numpy or torch), one image per
-    prompt, or None for text-only prompts."""
+    the image features. ``pixel_values``: one image per prompt, as [B, 3, H, W] (numpy or torch)
+    or as the runtime's ``ImageBatch`` (what ``model.vision.processor().process(pictures)``
+    gives; anyres images need it: several tiles each, merged by their size); None for text-only
+    prompts."""
+    from gammamod.runtime.image import ImageBatch
     from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, tokenize_with_image
 
     ids = [tokenize_with_image(tokenizer, p) for p in prompts]
@@ -215,11 +218,19 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
         if not model.has_vision:
             why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
             raise GammamodError(f"this checkpoint cannot take images: {why}")
-        pixels = torch.as_tensor(pixel_values)
-        if pixels.dim() != 4 or pixels.shape[0] != len(prompts):
-            raise GammamodError(f"pixel_values of shape {list(pixels.shape)}: expected [{len(prompts)}, 3, H, W]")
+        images = pixel_values
+        if not isinstance(images, ImageBatch):
+            if model.vision.anyres is not None:
+                raise GammamodError("anyres images: pass the ImageBatch that model.vision.processor().process(pictures) "
+                                    "gives (each image's tiles and size), not pixel_values")
+            pixels = torch.as_tensor(pixel_values)
+            if pixels.dim() != 4:
+                raise GammamodError(f"pixel_values of shape {list(pixels.shape)}: expected [{len(prompts)}, 3, H, W]")
+            images = ImageBatch(pixels, [1] * pixels.shape[0], [])
+        if len(images.rows) != len(prompts):
+            raise GammamodError(f"{len(images.rows)} images for {len(prompts)} prompts: expected one per prompt")
         with torch.no_grad():
-            features = model.encode_images(pixels)
+            features = model.image_features(images)
     rows, image_spans = [], []
     for b, row in enumerate(ids):
         if features is None:
@@ -229,7 +240,7 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
         before = model.embed(torch.tensor(row[:at], dtype=torch.long))
         after = model.embed(torch.tensor(row[at + 1:], dtype=torch.long))
         rows.append(torch.cat([before, features[b].to(before.dtype), after]))
-        image_spans.append((at, features.shape[1]))
+        image_spans.append((at, features[b].shape[0]))
     lengths = torch.tensor([r.shape[0] for r in rows])
     width = int(lengths.max())
     embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype)
@@ -269,7 +280,7 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   model: MoDLlava | None = None, on_token=None) -> TextResult:
     """``gammamod generate``: one question about one image (or none) through the PyTorch model."""
-    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.image import load_image
     from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.sampling import check_sampling
     from gammamod.runtime.tokenizer import Tokenizer
@@ -286,8 +297,7 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
         if not model.has_vision:
             why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
             raise GammamodError(f"{checkpoint}: cannot take images: {why}")
-        proc = ImageProcessor(model.vision.image_processor, aspect=model.vision.image_aspect_ratio)
-        pixels = torch.from_numpy(proc.batch([picture]))
+        pixels = model.vision.processor().process([picture])
     text_prompt = VICUNA_V1.prompt(prompt, has_image=image is not None)
     batch = prepare_prompts(model, tokenizer, [text_prompt], pixels)
     out = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, routing=routing,

@@ -175,12 +175,11 @@ LAYOUTS = [("default prompt", DEMO_PROMPT, None),
 def _layouts_table(checkpoints: dict[str, Path], artifacts: dict[str, Path], image: Path) -> None:
     """One exported artifact per recipe answers prompts whose routed span sits elsewhere, with the
     kept counts computed for each span, and the tokens PyTorch's static mode gives."""
-    import torch
     from rich.table import Table
 
     from gammamod.export import generate_from_embeds, load_checkpoint
     from gammamod.export.generate import prepare_prompts
-    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.image import load_image
     from gammamod.runtime.pipeline import Pipeline
     from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.tokenizer import Tokenizer
@@ -193,8 +192,7 @@ def _layouts_table(checkpoints: dict[str, Path], artifacts: dict[str, Path], ima
         pipe = Pipeline.load(art)
         model = load_checkpoint(checkpoints[recipe])
         tok = Tokenizer.from_dir(checkpoints[recipe])
-        pixels = torch.from_numpy(ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
-                                  .batch([load_image(image)]))
+        pixels = model.vision.processor().process([load_image(image)])
         for name, question, system in LAYOUTS:
             prepared = pipe.prepare([image], [question], system=system)
             start, length = prepared.routable[0]

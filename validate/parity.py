@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gammamod.export.generate import PromptBatch, generate_from_embeds, prepare_prompts
-from gammamod.runtime.image import ImageProcessor, load_image
+from gammamod.runtime.image import load_image
 from gammamod.runtime.prompt import VICUNA_V1
 from gammamod.runtime.tokenizer import Tokenizer
 
@@ -44,9 +44,8 @@ def reference_batch(model, checkpoint, questions: list[str], image=None) -> Prom
     tokenizer = Tokenizer.from_dir(checkpoint)
     pixels = None
     if image is not None:
-        proc = ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
         picture = image if hasattr(image, "convert") else load_image(image)  # a PIL image or a path
-        pixels = torch.from_numpy(proc.batch([picture] * len(questions)))
+        pixels = model.vision.processor().process([picture] * len(questions))
     prompts = [VICUNA_V1.prompt(q, has_image=image is not None) for q in questions]
     return prepare_prompts(model, tokenizer, prompts, pixels)
 
