@@ -1,5 +1,9 @@
-"""Calibration: ARank layer analysis, per-layer capacities, INT8/FP8.
+"""Calibration: what a deployer asks before building engines.
 
-Not built yet. Its output is a capacity file (JSON: MoD layer index -> kept count) that
-``gammamod export --capacity FILE`` already accepts.
+* ``calib arank``: gamma-MoD's ARank, the rank of each layer's attention maps, and which layers
+  can be MoD layers;
+* ``calib capacity``: the static capacity each MoD layer needs so the deployed graph keeps what the
+  trained model keeps (``gammamod export --capacity`` reads its file);
+* ``calib quantize``: INT8 / INT4 / FP8 artifacts with explicit Q/DQ that ONNX Runtime and
+  TensorRT both take.
 """

@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
 
     capacity, capacity_span = read_capacity_file(args.capacity) if args.capacity else (None, None)
     opts = ExportOptions(
-        routing="dense" if args.dense else "static", dtype=args.dtype, skip_ratio=args.skip_ratio,
+        routing="dense" if args.dense else args.routing, dtype=args.dtype, skip_ratio=args.skip_ratio,
         capacity=capacity, capacity_span=capacity_span, span_lengths=args.span_lengths, max_batch=args.max_batch,
         max_seq=args.max_seq, vision_tower=args.vision_tower, force=args.force, tensorrt=args.for_tensorrt or [])
     with StageProgress("export") as progress:
@@ -65,9 +65,10 @@ def cmd_export(args) -> int:
     if manifest.routed:
         lengths = routing["span_lengths"]
         counts = manifest.capacity_rule().kept_counts(lengths[0]) if lengths else {}
-        what = (f"static routing: the span and kept counts are inputs; for a {lengths[0]}-token span each MoD layer "
-                f"keeps {min(counts.values())}..{max(counts.values())}" if counts else
-                "static routing: the span and kept counts are inputs")
+        mode = routing["mode"]
+        what = (f"{mode} routing: the span and kept counts are inputs; for a {lengths[0]}-token span each MoD layer "
+                f"keeps {'up to ' if mode == 'threshold' else ''}{min(counts.values())}..{max(counts.values())}"
+                if counts else f"{mode} routing: the span and kept counts are inputs")
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
     console.print(f"exported {manifest['recipe']['name']} ({what}, {manifest['model']['dtype']}) to {args.out} "
                   f"({size:.1f} MiB, graphs: {', '.join(manifest['graphs'])})", soft_wrap=True)
@@ -104,9 +105,10 @@ def register(sub) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (gamma-MoD, p-MoD or LLaVA)")
     p.add_argument("--prompt", required=True, help="the user's question")
     p.add_argument("--image", type=Path, default=None, help="image file (omit for a text-only prompt)")
-    p.add_argument("--routing", default="static", choices=("reference", "static", "dense"),
+    p.add_argument("--routing", default="static", choices=("reference", "static", "threshold", "dense"),
                    help="reference: the authors' released inference (batch 1); static: fixed capacity per MoD "
-                        "layer, what the export traces (default); dense: routers ignored")
+                        "layer, what the export traces (default); threshold (gamma-MoD): the released inference in "
+                        "a static graph (no capacity here: the whole prompt); dense: routers ignored")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--skip-ratio", type=ratio, default=None, help="gamma-MoD static skip ratio (default 0.5)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
@@ -127,6 +129,9 @@ def register(sub) -> None:
     p.add_argument("--vision-tower", type=Path, default=None,
                    help="local CLIP vision tower directory, when the checkpoint names a hub id")
     p.add_argument("--dense", action="store_true", help="ignore the routers: the dense baseline of this checkpoint")
+    p.add_argument("--routing", default="static", choices=("static", "threshold"),
+                   help="static: a kept count per MoD layer from the recipe (default); threshold (gamma-MoD): the "
+                        "released inference, tokens above 0.005 kept up to --capacity (from 'calib capacity')")
     p.add_argument("--span-lengths", type=_lengths, default=None, metavar="N[,N...]",
                    help="routed span lengths to support: the bounds of TensorRT's profiles (default: the default "
                         "prompt's, from the tower's image tokens). ONNX Runtime takes any span")

@@ -137,10 +137,14 @@ def default_span_lengths(ckpt: Checkpoint, tokenizer) -> list[int]:
 
     if tokenizer is None or ckpt.vision is None or not ckpt.vision.has_tower:
         return []
-    vision = ckpt.vision
-    counts = vision.anyres.token_range() if vision.anyres is not None else [vision.image_tokens]
     ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
-    return [routable_span(ckpt.recipe.span, [(ids.index(IMAGE_TOKEN_INDEX), n)])[1] for n in counts]
+    return [routable_span(ckpt.recipe.span, [(ids.index(IMAGE_TOKEN_INDEX), n)])[1]
+            for n in _image_token_counts(ckpt.vision)]
+
+
+def _image_token_counts(vision) -> list[int]:
+    """One image's token counts: fixed, or with anyres the largest of each grid."""
+    return vision.anyres.token_range() if vision.anyres is not None else [vision.image_tokens]
 
 
 def vision_rows(ckpt: Checkpoint, opts: ExportOptions) -> int:
@@ -149,6 +153,17 @@ def vision_rows(ckpt: Checkpoint, opts: ExportOptions) -> int:
     anyres = ckpt.vision.anyres
     per_image = max(anyres.rows(p) for p in anyres.pinpoints) if anyres is not None else 1
     return opts.max_batch * per_image
+
+
+def default_prompt_lengths(ckpt: Checkpoint, tokenizer) -> list[int]:
+    """The default prompt's lengths with an empty question (the vicuna_v1 template and one image,
+    anyres: one per grid as above): what threshold routing routes whole, at least."""
+    from gammamod.runtime.prompt import VICUNA_V1, tokenize_with_image
+
+    if tokenizer is None or ckpt.vision is None or not ckpt.vision.has_tower:
+        return []
+    ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
+    return [len(ids) - 1 + n for n in _image_token_counts(ckpt.vision)]
 
 
 def _quiet():
@@ -410,8 +425,8 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     opts = opts or ExportOptions()
     stages = _Stages(progress)
     out = Path(out)
-    if opts.routing not in ("static", "dense"):
-        raise GammamodError(f"routing {opts.routing!r}: expected static or dense")
+    if opts.routing not in ("static", "threshold", "dense"):
+        raise GammamodError(f"routing {opts.routing!r}: expected static, threshold or dense")
     if opts.dtype not in DTYPES:
         raise GammamodError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
     check_replaceable(out, opts.force, [checkpoint, opts.vision_tower], is_artifact, "artifact directory")
@@ -427,9 +442,20 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     tokenizer = _tokenizer(ckpt)
     routing = opts.routing
     rule, span_lengths = None, []
-    if routing == "static" and ckpt.recipe.is_mod:
-        rule = ckpt.recipe.capacity_rule(opts.skip_ratio, opts.capacity, opts.capacity_span)
-        span_lengths = sorted(set(opts.span_lengths or [])) or default_span_lengths(ckpt, tokenizer)
+    if routing == "threshold" and ckpt.recipe.router != "shared-binary":
+        raise GammamodError(f"--routing threshold is gamma-MoD's released inference; {ckpt.info.path} is a "
+                            f"{ckpt.recipe.name} checkpoint (it routes with static capacity)")
+    if routing == "threshold" and opts.skip_ratio is not None:
+        raise GammamodError("--routing threshold keeps the tokens above the threshold up to a capacity: give the "
+                            "capacity with --capacity (e.g. from 'gammamod calib capacity'), not --skip-ratio")
+    if routing in ("static", "threshold") and ckpt.recipe.is_mod:
+        overrides = opts.capacity
+        if routing == "threshold" and not overrides:  # no capacity: the whole chunk, the threshold decides alone
+            overrides = {layer: {"fraction": "1"} for layer in ckpt.recipe.mod_layers}
+        rule = ckpt.recipe.capacity_rule(opts.skip_ratio, overrides, opts.capacity_span)
+        defaults = (default_span_lengths(ckpt, tokenizer) if routing == "static"
+                    else default_prompt_lengths(ckpt, tokenizer))
+        span_lengths = sorted(set(opts.span_lengths or [])) or defaults
         if opts.capacity_span is not None:
             if opts.span_lengths and span_lengths != [opts.capacity_span]:
                 raise GammamodError(f"--capacity gives absolute counts for a span of {opts.capacity_span} tokens; "
@@ -508,6 +534,10 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
 
     cfg, recipe = ckpt.config, ckpt.recipe
     routed = rule is not None
+    routing_entry = {"mode": routing if routed else "dense", "span": recipe.span if routed else None,
+                     "capacity": rule, "span_lengths": span_lengths}
+    if routed and routing == "threshold":
+        routing_entry.update(span="chunk", threshold=recipe.prefill_threshold)
     entries = [{"layer": i, "prefill": f"seq_len - (span_length - capacity.{i})" if routed and i in recipe.mod_layers
                 else "seq_len"} for i in range(cfg.num_layers)]
     absent = []
@@ -534,8 +564,7 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
                    "span": recipe.span, "kept": recipe.kept, "positions": recipe.positions,
                    "weighting": recipe.weighting, "decode": recipe.decode, "decode_gate": recipe.decode_gate,
                    "layer_ratios": {str(k): v for k, v in recipe.layer_ratios}},
-        "routing": {"mode": "static" if routed else "dense", "span": recipe.span if routed else None,
-                    "capacity": rule, "span_lengths": span_lengths},
+        "routing": routing_entry,
         "model": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
                   "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
                   "intermediate_size": cfg.intermediate_size, "dtype": DTYPE_NAMES[dtype],

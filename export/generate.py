@@ -7,7 +7,7 @@ These are the oracles later stages are checked against: the ONNX graphs against
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class LanguageOutput:
     kv_lengths: torch.Tensor  # [num_layers, B] entries in each layer's cache
     capacity: dict[int, int]  # MoD layer -> kept routable tokens (static mode)
     cache: KVCache  # to continue decoding
+    above: dict[int, torch.Tensor] = field(default_factory=dict)  # threshold: span tokens above it [B]
 
 
 @dataclass
@@ -41,6 +42,9 @@ def _check_call(model: MoDLlava, inputs_embeds: torch.Tensor, routable, routing:
         raise GammamodError(f"inputs_embeds of shape {list(inputs_embeds.shape)}: expected "
                             f"[batch, tokens, {model.config.hidden_size}]")
     b, t, _ = inputs_embeds.shape
+    if routing == "threshold" and model.recipe.router != "shared-binary":
+        raise GammamodError(f"routing 'threshold' is gamma-MoD's released inference; a {model.recipe.name} "
+                            "checkpoint routes with 'static'")
     if routing == "reference" and b != 1:
         raise GammamodError("routing 'reference' reproduces the authors' released inference, which runs batch "
                             "size 1 only; use routing 'static' for batches")
@@ -79,6 +83,9 @@ def capacities(model: MoDLlava, span_length: int | None, routing: str, skip_rati
         return {}
     if routing == "reference" and model.recipe.kept == "skip-ratio":
         return {}  # gamma-MoD's released inference thresholds instead of counting
+    if routing == "threshold" and capacity is None and skip_ratio is None:
+        # no capacity given: every span token may be kept, so the threshold alone decides
+        return {layer: span_length for layer in model.recipe.mod_layers}
     return model.recipe.capacities(span_length, skip_ratio, capacity)
 
 
@@ -93,8 +100,11 @@ def forward_language(model: MoDLlava, inputs_embeds: torch.Tensor, routable: tup
     image; p-MoD: image), or one such pair per row (each row its own start, one length). ``static`` keeps a fixed count per MoD layer (from ``skip_ratio`` for
     gamma-MoD, default 0.5, or the p-MoD schedule; ``capacity`` overrides layers); ``reference``
     is the authors' inference (gamma-MoD thresholds at r > 0.005 and ignores ``routable``);
-    ``dense`` ignores the routers. ``lengths`` gives each row's real length when rows are
-    right-padded. Pass the returned ``cache`` back to continue (then ``routable`` is None).
+    ``threshold`` (gamma-MoD) selects each MoD layer's ``capacity`` top-k of the span (default:
+    the whole span) and skips those at or below the prefill threshold: ``reference`` in a static
+    graph (route the whole chunk: ``routable=(0, T)``). ``dense`` ignores the routers. ``lengths``
+    gives each row's real length when rows are right-padded. Pass the returned ``cache`` back to
+    continue (then ``routable`` is None, or the next chunk's span).
     """
     lengths, spans = _check_call(model, inputs_embeds, routable, routing, lengths)
     b = inputs_embeds.shape[0]
@@ -111,7 +121,7 @@ def forward_language(model: MoDLlava, inputs_embeds: torch.Tensor, routable: tup
     cache.seen += step.valid
     logits = model.lm_head(hidden).float()
     return LanguageOutput(logits=logits, kept=step.kept, kv_lengths=cache.lengths.clone(), capacity=caps,
-                          cache=cache)
+                          cache=cache, above=step.above)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -250,6 +260,27 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
     return PromptBatch(embeds, lengths, ids, image_spans or None, routable)
 
 
+def prompt_batch(model: MoDLlava, checkpoint, questions: list[str], image=None, system: str | None = None,
+                 tokenizer=None) -> PromptBatch:
+    """The reference's inputs for questions about one image (a path or a PIL image; None: text
+    only) in LLaVA's vicuna_v1 template: tokens, projected image features from the PyTorch tower,
+    embeddings, and each row's routed span."""
+    from gammamod.runtime.image import as_picture
+    from gammamod.runtime.prompt import VICUNA_V1
+    from gammamod.runtime.tokenizer import Tokenizer
+
+    tokenizer = tokenizer or Tokenizer.from_dir(checkpoint)
+    pixels = None
+    if image is not None:
+        picture = as_picture(image, str(image))
+        if not model.has_vision:
+            why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
+            raise GammamodError(f"{checkpoint}: cannot take images: {why}")
+        pixels = model.vision.processor().process([picture] * len(questions))
+    prompts = [VICUNA_V1.prompt(q, has_image=image is not None, system=system) for q in questions]
+    return prepare_prompts(model, tokenizer, prompts, pixels)
+
+
 def routing_summary(model: MoDLlava, seq_len: int, kept: dict[int, torch.Tensor], routing: str) -> tuple[str, float]:
     """One line on how the prefill routed, and the decoder FLOP ratio against dense."""
     from .model import decoder_flops
@@ -280,8 +311,6 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   model: MoDLlava | None = None, on_token=None) -> TextResult:
     """``gammamod generate``: one question about one image (or none) through the PyTorch model."""
-    from gammamod.runtime.image import load_image
-    from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.sampling import check_sampling
     from gammamod.runtime.tokenizer import Tokenizer
 
@@ -291,16 +320,9 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
     if model is None:
         model = load_checkpoint(checkpoint, vision_tower=vision_tower, dtype=dtype)
     tokenizer = Tokenizer.from_dir(checkpoint)
-    pixels = None
-    if image is not None:
-        picture = load_image(image)
-        if not model.has_vision:
-            why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
-            raise GammamodError(f"{checkpoint}: cannot take images: {why}")
-        pixels = model.vision.processor().process([picture])
-    text_prompt = VICUNA_V1.prompt(prompt, has_image=image is not None)
-    batch = prepare_prompts(model, tokenizer, [text_prompt], pixels)
-    out = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, routing=routing,
+    batch = prompt_batch(model, checkpoint, [prompt], image, tokenizer=tokenizer)
+    routable = [(0, int(batch.lengths[0]))] if routing == "threshold" else batch.routable  # the whole prompt
+    out = generate_from_embeds(model, batch.inputs_embeds, routable=routable, routing=routing,
                                max_new_tokens=max_new_tokens, skip_ratio=skip_ratio,
                                eos_token_id=tokenizer.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, on_token=on_token)

@@ -140,9 +140,11 @@ class OrtGraphKV(KVStore):
         past_k, past_v, past_len = self.past[layer]
         total = past_len + count
         seqlens = (total - 1).to(torch.int32)  # the row's last entry after the append
-        # the batch's longest row after the append (not the buffer's length: the CPU kernel sizes
-        # its work by this bound, and a 4096-entry bound costs a 619-token prompt 6x)
-        bound = total.max().to(torch.int32)
+        # the batch's longest row after the append, and at least the chunk's width as GQA requires
+        # (a threshold-routed chunk's tail is padding); not the buffer's length: the CPU kernel
+        # sizes its work by this bound, and a 4096-entry bound cost a 619-token prompt 6x
+        bound = torch.maximum(total.max(), torch.scalar_tensor(x.shape[1], dtype=total.dtype,
+                                                                device=x.device)).to(torch.int32)
         if self.rotary_inside:
             out, present_k, present_v = ortops.ort_group_query_attention(
                 qkv, None, None, past_k, past_v, seqlens, bound, count.to(torch.int32), self.cos, self.sin,
@@ -179,7 +181,7 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.model = model
         self.routing = routing
-        self.mod_layers = list(mod_layers) if routing == "static" and not decode_step else []
+        self.mod_layers = list(mod_layers) if routing in ("static", "threshold") and not decode_step else []
         self.kv = kv
         self.decode_step = decode_step
         if kv == "ort":
@@ -207,7 +209,10 @@ class DecoderGraph(nn.Module):
         names = ["logits"]
         for i in range(self.model.config.num_layers):
             names += [f"present_key.{i}", f"present_value.{i}", f"new_kv_length.{i}"]
-        return names + [f"kept_indices.{i}" for i in self.mod_layers]
+        names += [f"kept_indices.{i}" for i in self.mod_layers]
+        if self.routing == "threshold":  # how many span tokens passed the threshold: capacity overflows show
+            names += [f"above_threshold.{i}" for i in self.mod_layers]
+        return names
 
     def forward(self, inputs_embeds, seq_lengths, past_length, *rest):
         cfg = self.model.config
@@ -237,6 +242,8 @@ class DecoderGraph(nn.Module):
         for i in range(cfg.num_layers):
             outs += list(kv.present[i])
         outs += [step.kept[i] for i in self.mod_layers]
+        if self.routing == "threshold":
+            outs += [step.above[i] for i in self.mod_layers]
         return tuple(outs)
 
 

@@ -11,6 +11,9 @@ There is one decoder layer class. Whether and how it routes is read from the
 * ``reference``: the authors' released inference, data-dependent, batch size 1;
 * ``static``: a fixed kept count per MoD layer for a fixed routable span (what the ONNX export
   traces), any batch size, each row routed independently;
+* ``threshold`` (gamma-MoD): the released inference inside a static graph: each multi-token chunk
+  is routed whole, a capacity's top-k is selected, and the selected tokens at or below the
+  prefill threshold are skipped (equal to ``reference`` whenever the count fits the capacity);
 * ``dense``: routers ignored.
 
 Every layer keeps its own KV cache and its own length per row: a MoD layer caches only the
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
     from .llava_hr import MultiPathSpec
 
-ROUTING_MODES = ("reference", "static", "dense")
+ROUTING_MODES = ("reference", "static", "threshold", "dense")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +233,7 @@ class Step:
     span_length: int = 0
     capacity: dict[int, int] = field(default_factory=dict)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # out: kept indices per MoD layer
+    above: dict[int, torch.Tensor] = field(default_factory=dict)  # out (threshold): span tokens above it [B]
     _tables: dict = field(default_factory=dict)  # RoPE tables shared by the layers of this chunk
 
     @property
@@ -413,14 +417,20 @@ class DecoderLayer(nn.Module):
         start = step.span_start if step.span_start is not None else torch.zeros(b, dtype=torch.long, device=x.device)
         score = self.scores(x)
         weight = R.routing_weights(recipe, score, start, n)  # [B, T]
-        kept = R.select_kept(weight, start, n, k)  # [B, K] sorted
+        if step.routing == "threshold":
+            # the capacity's top-k with the ones at or below the threshold last: those are padding
+            kept, count = R.select_above(weight, start, n, k, recipe.prefill_threshold)
+            step.above[self.layer_idx] = ((weight > recipe.prefill_threshold)
+                                          & R.span_mask(t, start, n)).sum(-1)
+        else:
+            kept = R.select_kept(weight, start, n, k)  # [B, K] sorted
+            count = step.valid - (n - k)  # padding rows end after the span
         step.kept[self.layer_idx] = kept
         xs = R.gather_tokens(x, kept)
         if recipe.positions == "renumbered":
             positions = self._own_positions(step, kept.shape[1], x.device)
         else:
             positions = step.past_length[:, None] + kept
-        count = step.valid - (n - k)  # padding rows end after the span
         mlp_scale, skip_scale = R.output_weights(recipe, weight, kept)
         if recipe.decode == "gate":
             # gamma-MoD's decode gate: a single token with no span runs the layer only when r >= 0.5
@@ -435,6 +445,8 @@ class DecoderLayer(nn.Module):
         else:
             h, m = self.block(xs, positions, step, count)
             y = h + mlp_scale * m
+        if step.routing == "threshold":  # the tail past each row's count is skipped: its input passes
+            y = torch.where(torch.arange(kept.shape[1], device=x.device)[None, :, None] < count[:, None, None], y, xs)
         return R.scatter_tokens(x, kept, y, skip_scale)
 
     def _gated_block(self, xs, positions, step: Step, count, mlp_scale, run):

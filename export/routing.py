@@ -61,6 +61,12 @@ def select_kept(weight: torch.Tensor, start: torch.Tensor, length, k) -> torch.T
     return ops.mod_select(weight, start, length, k)
 
 
+def select_above(weight: torch.Tensor, start: torch.Tensor, length, k, threshold: float):
+    """gamma-MoD's threshold routing with a static capacity: :func:`select_kept`'s indices with the
+    selected span tokens at or below ``threshold`` moved last, and how many come before them [B]."""
+    return ops.mod_select_threshold(weight, start, length, k, threshold)
+
+
 def gather_tokens(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return ops.mod_gather(x, kept)
 

@@ -71,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # the stages in pipeline order, each wiring its own subcommands
+    from gammamod.calib import cli as calib_cli
     from gammamod.engines import cli as engines_cli
     from gammamod.export import cli as export_cli
     from gammamod.runtime import cli as runtime_cli
     from gammamod.validate import cli as validate_cli
 
-    for stage in (export_cli, engines_cli, runtime_cli, validate_cli):
+    for stage in (export_cli, calib_cli, engines_cli, runtime_cli, validate_cli):
         stage.register(sub)
     p = sub.add_parser("demo", help="run the pipeline end to end on seeded tiny checkpoints",
                        description="Make tiny gamma-MoD and p-MoD checkpoints, generate from the bundled test "

@@ -7,8 +7,9 @@ checked on read; a bad manifest is a one-line error naming the field.
 Top-level fields (schema_version 2):
 
 * ``recipe``: the routing recipe (name, MoD layers, router, span, positions, weighting, decode).
-* ``routing``: ``mode`` (static | dense); for static routing ``span`` (where a prompt's routed
-  tokens are: ``prefix`` or ``image``), ``capacity`` (the rule the runtime turns into each MoD
+* ``routing``: ``mode`` (static | threshold | dense); for static routing ``span`` (where a
+  prompt's routed tokens are: ``prefix`` or ``image``; threshold routing: ``chunk``, every
+  multi-token chunk routed whole, tokens at or below ``threshold`` skipped), ``capacity`` (the rule the runtime turns into each MoD
   layer's kept count for any span length: ``runtime.capacity.CapacityRule``) and ``span_lengths``
   (the lengths to support: the bounds of TensorRT's profiles).
 * ``model``: decoder geometry and dtype. ``kv_cache``: layout, max batch and sequence.
@@ -44,9 +45,10 @@ MANIFEST = "manifest.json"
 
 _ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|span_start|span_length|logits|pixel_values|"
                    r"image_features|(past_key|past_value|kv_length|present_key|present_value|new_kv_length|"
-                   r"kept_indices|capacity)\.\d+)$")
+                   r"kept_indices|above_threshold|capacity)\.\d+)$")
 _GRAPH_KINDS = ("decoder", "vision", "decoder_ort", "decode_ort")
 _DTYPES = ("float32", "float16", "bfloat16")
+ROUTED_MODES = ("static", "threshold")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -91,7 +93,8 @@ class Manifest:
 
     @property
     def routed(self) -> bool:
-        return self.data["routing"]["mode"] == "static"
+        """Whether the decoder takes a routed span (static or threshold routing)."""
+        return self.data["routing"]["mode"] in ROUTED_MODES
 
     def capacity_rule(self):
         """The routing's kept-count rule (None for a dense artifact)."""
@@ -255,13 +258,20 @@ def _check_routing(data: dict, where: Path) -> None:
     from gammamod.runtime.capacity import CapacityRule
 
     routing, model, recipe = data["routing"], data["model"], data["recipe"]
-    _need(routing.get("mode") in ("static", "dense"), where, "routing.mode must be static or dense")
+    _need(routing.get("mode") in ROUTED_MODES + ("dense",), where, "routing.mode must be static, threshold or dense")
     mod_layers = recipe.get("mod_layers")
     _need(isinstance(mod_layers, list) and all(_count(i) and i < model["num_layers"] for i in mod_layers), where,
           f"recipe.mod_layers must be layer indices below model.num_layers ({model['num_layers']})")
     if routing["mode"] == "dense":
         return
-    _need(routing.get("span") in ("prefix", "image"), where, "routing.span must be prefix or image")
+    if routing["mode"] == "threshold":
+        _need(recipe.get("router") == "shared-binary", where, "routing.mode threshold is gamma-MoD's")
+        _need(routing.get("span") == "chunk", where, "threshold routing routes whole chunks: routing.span must be chunk")
+        t = routing.get("threshold")
+        _need(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1, where,
+              "routing.threshold must be a number in [0, 1)")
+    else:
+        _need(routing.get("span") in ("prefix", "image"), where, "routing.span must be prefix or image")
     rule = routing.get("capacity")
     _need(isinstance(rule, dict), where, "routing.capacity must describe the kept-count rule")
     try:
@@ -282,7 +292,7 @@ def _check_routing(data: dict, where: Path) -> None:
 def _check_decoder_io(data: dict, kind: str, graph: dict, where: Path) -> None:
     """A decoder graph's inputs and outputs must be the model's: one set per layer, the declared
     geometry in every static dimension, span inputs exactly when the artifact routes."""
-    model, routed = data["model"], data["routing"]["mode"] == "static"
+    model, routed = data["model"], data["routing"]["mode"] in ROUTED_MODES
     layers, mod_layers = model["num_layers"], data["recipe"]["mod_layers"]
     ins = {i["role"]: i for i in graph["inputs"]}
     outs = {o["role"]: o for o in graph["outputs"]}
@@ -292,6 +302,8 @@ def _check_decoder_io(data: dict, kind: str, graph: dict, where: Path) -> None:
     if routed and kind != "decode_ort":
         want_in |= {"span_start", "span_length"} | {f"capacity.{i}" for i in mod_layers}
         want_out |= {f"kept_indices.{i}" for i in mod_layers}
+        if data["routing"]["mode"] == "threshold":
+            want_out |= {f"above_threshold.{i}" for i in mod_layers}
     for side, have, want in (("inputs", ins, want_in), ("outputs", outs, want_out)):
         missing, extra = sorted(want - set(have)), sorted(set(have) - want)
         _need(not missing and not extra, where, f"graphs.{kind}.{side} do not match the model's {layers} layers"

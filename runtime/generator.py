@@ -10,6 +10,11 @@ length)`` for the batch or one per row (the length shared by the batch); each Mo
 count is computed here from the manifest's rule (``runtime.capacity``), so one artifact serves any
 prompt layout. Later chunks and decode steps carry an empty span: nothing is routed.
 
+A threshold-routed artifact (gamma-MoD's released inference) routes every multi-token chunk whole
+(its rows must have the same length) and decodes through the gate; when more span tokens pass
+the threshold than a layer's capacity holds, the lowest-scoring are dropped, and ``overflows``
+counts it per layer.
+
 On ONNX Runtime (CPU) the artifact's ORT graphs run: ``decoder_ort`` for chunks, ``decode_ort`` for
 single-token steps, both appending to the KV buffers in place. Elsewhere (TensorRT, or ORT with
 ``fused=False``) the portable ``decoder`` graph returns each chunk's new entries, written here.
@@ -65,6 +70,8 @@ class Generator:
         self.layers = model["num_layers"]
         self.max_seq = kv["max_seq"]
         self.rule = manifest.capacity_rule()
+        self.mode = manifest["routing"]["mode"]
+        self.overflows: dict[int, int] = {}  # threshold routing: MoD layer -> rows whose count overflowed
         self.inplace = backend.inplace_decode()
         self.cache = backend.kv_store(self.layers, batch_size, model["num_kv_heads"], model["head_dim"],
                                       self.max_seq, self.dtype, full=self.inplace)
@@ -110,12 +117,14 @@ class Generator:
     def prefill(self, inputs_embeds, routable=None, lengths=None) -> np.ndarray:
         """Start a new sequence per row; returns each row's last-token logits [B, V]. ``routable``:
         the routed span, ``(start, length)`` for every row or one pair per row (same length);
-        None routes nothing (a text-only prompt). A dense artifact ignores it."""
+        None routes nothing (a text-only prompt). A dense artifact ignores it; a threshold-routed
+        one routes the whole prompt whatever it says."""
         x, lengths = self._check_embeds(inputs_embeds, lengths)
         spans = _as_spans(routable, self.batch_size) if self.rule is not None else None
         self.cache.reset()
         self.past_length[:] = 0
         self.kept = {}
+        self.overflows = {}
         self._started = True
         return self._run(x, lengths, spans)
 
@@ -158,6 +167,14 @@ class Generator:
 
     def _run(self, x: np.ndarray, lengths: np.ndarray, spans) -> np.ndarray:
         t = x.shape[1]
+        if self.mode == "threshold":  # every multi-token chunk is routed whole; a decode step goes through the gate
+            spans = None
+            if t > 1:
+                if (lengths != t).any():
+                    raise GammamodError(f"threshold routing routes whole prompts, and the rows of one batch share a "
+                                        f"span length: rows of {sorted(set(lengths.tolist()))} tokens must be run "
+                                        "in separate calls")
+                spans = (np.zeros(self.batch_size, np.int64), t)
         if int((self.past_length + t).max()) > self.max_seq:
             raise GammamodError(f"the sequence would exceed the artifact's max_seq {self.max_seq} "
                                 f"({int(self.past_length.max())} cached + {t} new tokens)")
@@ -173,7 +190,11 @@ class Generator:
             outs = self._run_portable(feeds)
         for layer in range(self.layers):
             self.cache.lengths[layer] = outs[f"new_kv_length.{layer}"]
-        self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in counts} if spans is not None else self.kept
+        if spans is not None:
+            self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in counts}
+            if self.mode == "threshold":
+                for layer, k in counts.items():
+                    self.overflows[layer] = self.overflows.get(layer, 0) + int((outs[f"above_threshold.{layer}"] > k).sum())
         self.past_length += lengths
         return outs["logits"]
 

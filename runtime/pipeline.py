@@ -47,6 +47,18 @@ class GenerationStats:
     new_tokens: int = 0  # decode steps x rows
     steps: int = 0
     kv_bytes_per_layer: list[int] = field(default_factory=list)  # valid KV entries after generation
+    capacity_overflows: dict = field(default_factory=dict)  # threshold routing: MoD layer -> rows overflowed
+
+    def add(self, part: "GenerationStats") -> None:
+        """Fold in the stats of one batch of a call that ran several (rows with different spans)."""
+        self.prefill_s += part.prefill_s
+        self.decode_s += part.decode_s
+        self.steps += part.steps
+        self.new_tokens += part.new_tokens
+        self.kv_bytes_per_layer = [a + b for a, b in zip(self.kv_bytes_per_layer or [0] * len(part.kv_bytes_per_layer),
+                                                         part.kv_bytes_per_layer)]
+        for layer, n in part.capacity_overflows.items():
+            self.capacity_overflows[layer] = self.capacity_overflows.get(layer, 0) + n
 
     @property
     def kv_bytes(self) -> int:
@@ -273,8 +285,10 @@ class Pipeline:
                     blocks.append((at, f.shape[0]))
                     at += f.shape[0]
             rows.append(np.concatenate(parts))
-            spans.append(routable_span(self.manifest["routing"]["span"], blocks)
-                         if self.manifest.routed else None)
+            if self.manifest["routing"]["mode"] == "threshold":
+                spans.append((0, rows[-1].shape[0]))  # the released inference routes the whole prompt
+            else:
+                spans.append(routable_span(self.manifest["routing"]["span"], blocks) if self.manifest.routed else None)
         return rows, spans, ids
 
     def _batch(self, rows, spans, ids) -> Prepared:
@@ -338,12 +352,7 @@ class Pipeline:
                                        repetition_penalty, stop, on_text, seed, part)
             for i, result in zip(members, out):
                 results[i] = result
-            stats.prefill_s += part.prefill_s
-            stats.decode_s += part.decode_s
-            stats.steps += part.steps
-            stats.new_tokens += part.new_tokens
-            stats.kv_bytes_per_layer = [a + b for a, b in zip(stats.kv_bytes_per_layer or [0] * len(part.kv_bytes_per_layer),
-                                                               part.kv_bytes_per_layer)]
+            stats.add(part)
         self.last_stats = stats
         return results
 
@@ -391,6 +400,7 @@ class Pipeline:
             stats.new_tokens += b
         stats.decode_s = time.perf_counter() - t0
         stats.kv_bytes_per_layer = [int(x) for x in gen.kv_bytes()]
+        stats.capacity_overflows = {layer: n for layer, n in gen.overflows.items() if n}
         results = []
         for row in range(b):
             text = texts[row] if done[row] == "stop" else self.tokenizer.decode(out_tokens[row])

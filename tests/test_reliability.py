@@ -390,8 +390,9 @@ def test_python_api_refusals(art_gamma, tiny_pmod):
     pipe = Pipeline.load(art_gamma)
     with pytest.raises(GammamodError, match="no prompts"):
         pipe.generate([], [])
+    # None for a prompt means a text-only prompt; None inside a prompt's image list is a mistake
     with pytest.raises(GammamodError, match="image 0: NoneType is not an image"):
-        pipe.generate([None], ["hi"])
+        pipe.generate([[None]], ["hi"])
     with pytest.raises(GammamodError, match="image 0: int is not an image"):
         pipe.generate([3], ["hi"])
     gen = pipe.generator(1)

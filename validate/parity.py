@@ -10,12 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from gammamod.export.generate import PromptBatch, generate_from_embeds, prepare_prompts
-from gammamod.runtime.image import load_image
-from gammamod.runtime.prompt import VICUNA_V1
-from gammamod.runtime.tokenizer import Tokenizer
+from gammamod.export.generate import PromptBatch, generate_from_embeds, prompt_batch
 
 
 def rel_err(a, b) -> float:
@@ -41,13 +37,7 @@ class DecoderParity:
 
 def reference_batch(model, checkpoint, questions: list[str], image=None) -> PromptBatch:
     """The reference's prompt embeddings (image features from the PyTorch tower)."""
-    tokenizer = Tokenizer.from_dir(checkpoint)
-    pixels = None
-    if image is not None:
-        picture = image if hasattr(image, "convert") else load_image(image)  # a PIL image or a path
-        pixels = model.vision.processor().process([picture] * len(questions))
-    prompts = [VICUNA_V1.prompt(q, has_image=image is not None) for q in questions]
-    return prepare_prompts(model, tokenizer, prompts, pixels)
+    return prompt_batch(model, checkpoint, questions, image)
 
 
 def decoder_parity(model, pipeline, batch: PromptBatch, routing: str = "static", steps: int = 8) -> DecoderParity:

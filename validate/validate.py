@@ -25,9 +25,7 @@ import numpy as np
 
 from gammamod.errors import GammamodError
 
-PROMPTS = ["What is in the picture?", "Describe this image in detail.", "What colours do you see?",
-           "Is there a vehicle in the image? Answer briefly.", "Count the objects and say where they are.",
-           "What is the weather like in this scene?"]
+DEFAULT_PROMPTS = 6  # validate's prompts: the first six of gammamod.calib.data.PROMPTS, in turn
 
 
 @dataclass(frozen=True)
@@ -92,42 +90,19 @@ def available_backends(manifest, requested: list[str] | None = None) -> list[tup
 
 def validation_inputs(samples: int, seed: int, images_dir=None, prompts_file=None, with_images=True):
     """[(image, prompt)]: the user's files, or seeded random images (varied aspect ratios, to
-    exercise pad-to-square) and prompts."""
-    from PIL import Image
+    exercise pad-to-square) and prompts (``gammamod.calib.data``, shared with calibration)."""
+    from gammamod.calib.data import PROMPTS as CALIB_PROMPTS
+    from gammamod.calib.data import list_images, random_samples, read_prompts
 
-    if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise GammamodError(f"--prompts {path}: no such file (one prompt per line)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise GammamodError(f"--prompts {path}: no prompt in it (one per line)")
-    else:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(samples)]
+    prompts = read_prompts(Path(prompts_file)) if prompts_file is not None else \
+        [CALIB_PROMPTS[i % DEFAULT_PROMPTS] for i in range(samples)]
     if not with_images:
         return [(None, p) for p in prompts[:samples]]
     if images_dir is not None:
-        d = Path(images_dir)
-        if not d.is_dir():
-            raise GammamodError(f"--images {d}: not a directory")
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-        if not files:
-            raise GammamodError(f"--images {d}: no .png/.jpg/.jpeg/.bmp/.webp files")
-        n = max(len(files), len(prompts)) if prompts_file or images_dir else samples
+        files = list_images(Path(images_dir), "--images")
+        n = max(len(files), len(prompts))
         return [(str(files[i % len(files)]), prompts[i % len(prompts)]) for i in range(n)]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(samples):
-        h, w = int(rng.integers(120, 400)), int(rng.integers(120, 400))
-        base = rng.integers(0, 255, 3)
-        y, x = np.mgrid[0:h, 0:w]
-        img = (base + 90 * np.stack([np.sin(x / rng.uniform(5, 40)), np.cos(y / rng.uniform(5, 40)),
-                                      np.sin((x + y) / rng.uniform(5, 40))], -1)).clip(0, 255).astype(np.uint8)
-        for _ in range(3):  # a few solid shapes
-            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-            img[y0:y0 + int(rng.integers(10, 60)), x0:x0 + int(rng.integers(10, 60))] = rng.integers(0, 255, 3)
-        out.append((Image.fromarray(img), prompts[i % len(prompts)]))
-    return out
+    return [(s.image, prompts[i % len(prompts)]) for i, s in enumerate(random_samples(samples, seed))]
 
 
 def _stats(result, scale: float) -> dict:
