@@ -10,7 +10,9 @@
 5. one artifact, several prompt layouts: a custom system prompt and text before the image move
    the routed span; the runtime finds it and answers as PyTorch does;
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
-7. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+7. the released checkpoints' vision (not with --quick): tiny LLaVA-HR gamma-MoD and LLaVA-NeXT
+   p-MoD models exported and run on images of three aspect ratios against PyTorch;
+8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
 """
 
@@ -52,6 +54,9 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
+        from gammamod.export.vision_demo import released_vision_table
+
+        released_vision_table(workdir, image, fresh, checkpoint=_checkpoint, current=_current)
         _bench_size(workdir, image, fresh)
     return 0
 

@@ -227,16 +227,22 @@ def test_anyres_token_counts_are_the_authors():
         assert (grid.grid(size), grid.tokens(size)) == (tiles, tokens), size
 
 
-def reference_anyres_pixels(img: Image.Image, pinpoints, tile: int, processor) -> np.ndarray:
-    """LLaVA's process_anyres_image (p-MoD's llava/mm_utils.py), step by step."""
-    w0, h0 = img.size
+def reference_best_resolution(size, pinpoints):
+    """LLaVA's select_best_resolution."""
+    w0, h0 = size
     best, best_eff, best_waste = None, 0, float("inf")
     for w, h in pinpoints:
         scale = min(w / w0, h / h0)
         eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
         if eff > best_eff or (eff == best_eff and w * h - eff < best_waste):
             best, best_eff, best_waste = (w, h), eff, w * h - eff
-    tw, th = best
+    return best
+
+
+def reference_anyres_pixels(img: Image.Image, pinpoints, tile: int, processor) -> np.ndarray:
+    """LLaVA's process_anyres_image (p-MoD's llava/mm_utils.py), step by step."""
+    w0, h0 = img.size
+    tw, th = reference_best_resolution((w0, h0), pinpoints)
     if tw / w0 < th / h0:
         nw, nh = tw, min(math.ceil(h0 * tw / w0), th)
     else:
@@ -251,12 +257,7 @@ def reference_anyres_pixels(img: Image.Image, pinpoints, tile: int, processor) -
 def reference_anyres_merge(features: torch.Tensor, size, pinpoints, tile: int, newline: torch.Tensor):
     """p-MoD's prepare_inputs_labels_for_multimodal_mod for one image (spatial_unpad)."""
     w0, h0 = size
-    best, best_eff, best_waste = None, 0, float("inf")
-    for w, h in pinpoints:
-        scale = min(w / w0, h / h0)
-        eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
-        if eff > best_eff or (eff == best_eff and w * h - eff < best_waste):
-            best, best_eff, best_waste = (w, h), eff, w * h - eff
+    best = reference_best_resolution(size, pinpoints)
     npw, nph = best[0] // tile, best[1] // tile
     side = int(math.sqrt(features.shape[1]))
     base, feat = features[0], features[1:]
