@@ -6,6 +6,10 @@ command runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from gammamod.cli import positive_int
+
 
 def register(sub) -> None:
     """Add ``gammamod calib ...`` to the command line."""
@@ -18,4 +22,104 @@ def register(sub) -> None:
         part(calib_sub)
 
 
-PARTS: list = []  # each part's _register_<part>, in the order the help lists them
+def _data_args(p) -> None:
+    """The calibration set: --data DIR, --random N, or (neither) the shipped set."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, default=None, metavar="DIR",
+                     help="images and a prompts.txt (one prompt per line), paired in turn")
+    src.add_argument("--random", type=positive_int, default=None, metavar="N", help="N seeded synthetic samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument("--vision-tower", type=Path, default=None, help="a local CLIP directory, when the checkpoint "
+                   "names a hub id")
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _weights(text: str) -> list[float]:
+    import argparse
+
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# -- arank --------------------------------------------------------------------------------------
+def cmd_arank(args) -> int:
+    from .arank import analyse, table, write
+
+    report = analyse(args.checkpoint, args.data, args.random, args.tokens, args.dtype, args.rtol,
+                     args.keep_dense, args.rank_threshold, args.vision_tower, args.seed)
+    write(report, args.out, args.force, inputs=[args.checkpoint, args.data])
+    print(table(report))
+    print(f"wrote {args.out}/arank.json, arank.png, arank.txt")
+    return 0
+
+
+def _register_arank(sub) -> None:
+    p = sub.add_parser("arank", help="attention rank per layer, and which layers could be MoD layers",
+                       description="gamma-MoD's ARank: per decoder layer and head, the rank of the causal attention "
+                                   "map with its diagonal zeroed, in the dense forward, averaged over heads and "
+                                   "samples; proposes mod_layers_idx by a stated rule, next to the authors' set.")
+    p.add_argument("checkpoint", type=Path)
+    _data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (arank.json, arank.png, arank.txt)")
+    p.add_argument("--tokens", choices=("all", "image"), default="all", help="rank over all tokens or the image "
+                   "block only (default all)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="precision of the rank "
+                   "computation (default float64; the authors used float32)")
+    p.add_argument("--rtol", type=float, default=None, help="singular values below rtol * the largest count as "
+                   "zero (default: torch's, max(n, n) * eps of --dtype)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--keep-dense", type=positive_int, default=None, metavar="N",
+                      help="keep the first, the last and the N-2 other highest-rank layers dense (default N=4, as "
+                           "many as the authors')")
+    rule.add_argument("--rank-threshold", type=float, default=None, metavar="R",
+                      help="keep dense the first, the last and every layer of mean rank >= R")
+    p.add_argument("--force", action="store_true", help="replace an arank output directory gammamod wrote")
+    p.set_defaults(func=cmd_arank)
+
+
+# -- capacity -----------------------------------------------------------------------------------
+def cmd_capacity(args) -> int:
+    from .capacity import calibrate, table, write
+
+    report = calibrate(args.checkpoint, args.data, args.random, args.quantile, args.decode_steps, args.weights,
+                       args.vision_tower, args.seed)
+    out, png = write(report, args.out, args.force)
+    print(table(report))
+    print(f"wrote {out} and {png}" + (f"; export with: gammamod export {args.checkpoint} OUT --routing threshold "
+                                      f"--capacity {out}" if report["routing"] == "threshold" else ""))
+    return 0
+
+
+def _register_capacity(sub) -> None:
+    p = sub.add_parser("capacity", help="each MoD layer's static capacity, from the trained model's routing on data",
+                       description="gamma-MoD: run the released (threshold) routing over the calibration set and "
+                                   "choose each MoD layer's capacity as a quantile of its kept fraction, for "
+                                   "'gammamod export --routing threshold --capacity FILE'. p-MoD: how far the "
+                                   "fixed schedule is from the router weights (information).")
+    p.add_argument("checkpoint", type=Path)
+    _data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="the JSON report (a PNG is written beside it)")
+    p.add_argument("--quantile", type=_fraction, default=0.99, help="capacity = this quantile of the kept "
+                   "fractions (default 0.99)")
+    p.add_argument("--decode-steps", type=positive_int, default=16, help="greedy decode steps per sample for the "
+                   "decode-gate statistics (default 16)")
+    p.add_argument("--weights", type=_weights, default=[1.0], help="p-MoD: router weights to compare the schedule "
+                   "with (comma list, default 1.0)")
+    p.add_argument("--force", action="store_true", help="replace a capacity report gammamod wrote")
+    p.set_defaults(func=cmd_capacity)
+
+
+PARTS: list = [_register_arank, _register_capacity]  # each part's _register_<part>, in the order the help lists them

@@ -85,6 +85,9 @@ def read_capacity_file(path: str | Path) -> tuple[dict[int, dict], int | None]:
     if not isinstance(data, dict):
         raise GammamodError(f"{path}: expected a JSON object mapping MoD layer index to a kept fraction or count")
     span = data.pop("span_length", None)
+    if data.get("format") == "gammamod-capacity" and "capacity" not in data:
+        raise GammamodError(f"{path}: a {data.get('recipe')} capacity report holds no capacity (its kept counts are "
+                            "fixed by training; the report is for information)")
     if "capacity" in data:  # calibration's report: the map sits under "capacity"
         data = data["capacity"]
         if not isinstance(data, dict):

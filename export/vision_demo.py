@@ -31,7 +31,7 @@ def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, c
         w, h = picture.size
         crops[name] = workdir / f"crop-{name}.png"
         picture.crop((int(x0 * w), int(y0 * h), int(x1 * w), int(y1 * h))).save(crops[name])
-    table = Table(title=f"6. The released checkpoints' vision: LLaVA-HR's CLIP + ConvNeXt tower (gamma-MoD) and "
+    table = Table(title=f"7. The released checkpoints' vision: LLaVA-HR's CLIP + ConvNeXt tower (gamma-MoD) and "
                         f"LLaVA-NeXT anyres (p-MoD), {QUESTION!r} about three crops, 12 greedy tokens")
     for col in ("model", "export, TensorRT 10.3 lint", "image", "tower inputs", "image tokens", "kept (first MoD layer)",
                 "vision features vs PyTorch", "runtime vs PyTorch tokens", "text"):

@@ -10,9 +10,11 @@
 5. one artifact, several prompt layouts: a custom system prompt and text before the image move
    the routed span; the runtime finds it and answers as PyTorch does;
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
-7. the released checkpoints' vision (not with --quick): tiny LLaVA-HR gamma-MoD and LLaVA-NeXT
+7. calibrate: ARank on the tiny gamma-MoD checkpoint; capacities from the shipped calibration set
+   feeding a threshold-routed export that equals gamma-MoD's released inference on it;
+8. the released checkpoints' vision (not with --quick): tiny LLaVA-HR gamma-MoD and LLaVA-NeXT
    p-MoD models exported and run on images of three aspect ratios against PyTorch;
-8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+9. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart.
 """
 
@@ -54,8 +56,10 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     _layouts_table(checkpoints, artifacts, image)
     _refusals_table(workdir, checkpoints, artifacts)
     if not quick:
+        from gammamod.calib.demo import run as calibrate
         from gammamod.export.vision_demo import released_vision_table
 
+        calibrate(workdir, checkpoints["gamma-mod"])
         released_vision_table(workdir, image, fresh, checkpoint=_checkpoint, current=_current)
         _bench_size(workdir, image, fresh)
     return 0
@@ -279,7 +283,7 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> None:
     if fresh or not _current(art):
         with StageProgress("export bench-size p-mod") as progress:
             export_artifact(ckpt, art, ExportOptions(force=True), progress=progress)
-    console.print("[bold]6. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
+    console.print("[bold]8. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
     with StageProgress("validate") as progress:
         report = run_validate(art, ckpt, samples=2, steps=8, progress=progress)
     write_report(report, workdir / "bench-validate.json")

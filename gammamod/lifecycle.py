@@ -107,6 +107,42 @@ def check_replaceable(out: Path, force: bool, inputs=(), is_ours=None, what: str
     return True
 
 
+def check_file_replaceable(out: Path, force: bool = False, is_ours=None, what: str = "output file") -> None:
+    """Refuse, in one line, to write the file ``out`` over a directory, a link, or an existing file
+    without ``force`` or that ``is_ours(out)`` does not claim as gammamod's."""
+    out = Path(out)
+    if out.is_symlink():
+        raise GammamodError(f"{out}: is a symbolic link; give the {what} a path of its own")
+    if out.is_dir():
+        raise GammamodError(f"{out}: is a directory (expected a path for the {what})")
+    if not out.parent.is_dir():
+        raise GammamodError(f"{out}: its directory {out.parent} does not exist")
+    if out.exists():
+        if not force:
+            raise GammamodError(f"{out}: already exists (pass --force to replace it)")
+        if is_ours is None or not is_ours(out):
+            raise GammamodError(f"{out}: exists and is not {_a(what)} that gammamod wrote; --force replaces only "
+                                "those (remove it yourself if you mean to)")
+
+
+def write_file(out: Path, data: bytes, force: bool = False, is_ours=None, what: str = "output file") -> Path:
+    """Write one output file whole or not at all (:func:`check_file_replaceable` first): a hidden
+    temporary file beside it, renamed over ``out``."""
+    out = Path(out)
+    check_file_replaceable(out, force, is_ours, what)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
 class OutputDir:
     """``with OutputDir(out, ...) as partial:`` write into ``partial``; leaving the block without
     an exception puts it in place of ``out``. Any exception (Ctrl-C included) removes ``partial``

@@ -72,6 +72,7 @@ class Generator:
         self.rule = manifest.capacity_rule()
         self.mode = manifest["routing"]["mode"]
         self.overflows: dict[int, int] = {}  # threshold routing: MoD layer -> rows whose count overflowed
+        self.kept_per_row: dict[int, np.ndarray] = {}  # threshold routing: MoD layer -> kept per row [B]
         self.inplace = backend.inplace_decode()
         self.cache = backend.kv_store(self.layers, batch_size, model["num_kv_heads"], model["head_dim"],
                                       self.max_seq, self.dtype, full=self.inplace)
@@ -125,6 +126,7 @@ class Generator:
         self.past_length[:] = 0
         self.kept = {}
         self.overflows = {}
+        self.kept_per_row = {}
         self._started = True
         return self._run(x, lengths, spans)
 
@@ -194,7 +196,10 @@ class Generator:
             self.kept = {layer: outs[f"kept_indices.{layer}"] for layer in counts}
             if self.mode == "threshold":
                 for layer, k in counts.items():
-                    self.overflows[layer] = self.overflows.get(layer, 0) + int((outs[f"above_threshold.{layer}"] > k).sum())
+                    above = np.asarray(outs[f"above_threshold.{layer}"])
+                    self.overflows[layer] = self.overflows.get(layer, 0) + int((above > k).sum())
+                    # each row keeps its first min(above, k) indices; the rest of the row is padding
+                    self.kept_per_row[layer] = np.minimum(above, k).astype(np.int64)
         self.past_length += lengths
         return outs["logits"]
 

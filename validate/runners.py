@@ -112,13 +112,19 @@ class RuntimeDecoderRunner(_Timed):
             x = np.asarray(feed["inputs_embeds"])
             self.gen = self.pipeline.generator(batch_size=x.shape[0])
             logits = self.gen.prefill(x, routable=self.routable, lengths=feed["seq_lengths"])
-            result = {f"kept_indices.{layer}": idx for layer, idx in self.gen.kept.items()}
+            result = {f"kept_indices.{layer}": self._kept(layer, idx) for layer, idx in self.gen.kept.items()}
         else:
             logits = self.gen.decode(feed["token_ids"])
             result = {}
         result["logits"] = np.asarray(logits, np.float32)
         result["kv_lengths"] = self.gen.kv_lengths()
         return result
+
+    def _kept(self, layer: int, idx: np.ndarray) -> np.ndarray:
+        """Threshold routing pads each row's kept indices to the capacity; the reference keeps a
+        row's count only (validation runs one row, so the trimmed array stays rectangular)."""
+        counts = self.gen.kept_per_row.get(layer)
+        return idx if counts is None else idx[:, :int(counts.max())]
 
 
 class TorchVisionRunner(_Timed):

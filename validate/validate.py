@@ -53,6 +53,7 @@ class BackendReport:
     kept_agreement: dict = field(default_factory=dict)  # MoD layer -> least share over samples
     kv_lengths_match: bool = True
     greedy_match: list[int] = field(default_factory=list)  # per sample
+    capacity_overflows: dict = field(default_factory=dict)  # threshold routing: MoD layer -> samples overflowed
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -175,6 +176,8 @@ def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: i
     dtype = manifest["model"]["dtype"]
     tol = TOLERANCES[dtype]
     routing = manifest["routing"]["mode"]
+    # a threshold artifact is gamma-MoD's released inference in a static graph: its reference is that inference
+    ref_routing = "reference" if routing == "threshold" else routing
     labels = available_backends(manifest, backends)
     pipelines = {label: Pipeline.load(artifact, backend=name, device=device) for label, name, device in labels}
     has_vision = "vision" in manifest["graphs"] and model.has_vision
@@ -199,15 +202,19 @@ def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: i
                 reports[label].features = _worst(reports[label].features, per[0])
         # decoder: identical embeddings, the reference's tokens fed back
         batch = reference_batch(model, reference, [prompt], image if image is not None else None)
-        ref = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, routing=routing,
+        ref = generate_from_embeds(model, batch.inputs_embeds, routable=batch.routable, routing=ref_routing,
                                    max_new_tokens=steps + 1, lengths=batch.lengths)
         hidden = manifest["model"]["hidden_size"]
         feeds = [prefill_feed(batch.inputs_embeds.numpy(), batch.lengths.numpy())]
         feeds += [decode_feed(ref.tokens[:, s].numpy(), hidden) for s in range(steps)]
-        runners = [TorchDecoderRunner(model, batch.routable, routing)]
+        runners = [TorchDecoderRunner(model, batch.routable, ref_routing)]
         runners += [RuntimeDecoderRunner(p, batch.routable, label) for label, p in pipelines.items()]
         results, stats = _compare(runners, feeds, "logits", tol.logits, save_dir / f"decoder-{i}.json" if save_dir else None)
         reference_iterations = results[0][1]
+        for runner in runners[1:]:
+            for layer, n in runner.gen.overflows.items():
+                if n:
+                    reports[runner.name].capacity_overflows[layer] = reports[runner.name].capacity_overflows.get(layer, 0) + 1
         for label, per in stats.items():
             r = reports[label]
             for s in per:
@@ -234,6 +241,10 @@ def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: i
         if low:
             r.failures.append(f"kept indices differ in MoD layers {sorted(low)} (agreement {min(low.values()):.2f} < "
                               f"{tol.kept})")
+        if r.capacity_overflows:
+            r.failures.append(f"more tokens passed the threshold than the capacity holds in MoD layers "
+                              f"{sorted(r.capacity_overflows)} ({max(r.capacity_overflows.values())} of {len(inputs)} "
+                              "samples): calibrate a larger capacity (gammamod calib capacity --quantile)")
         if tol.kv_exact and not r.kv_lengths_match:
             r.failures.append("KV lengths differ")
         need = steps if tol.greedy is None else min(tol.greedy, steps)
