@@ -271,13 +271,11 @@ def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> V
         image_aspect_ratio=aspect)
     if spec.select_feature not in ("patch", "cls_patch"):
         raise GammamodError(f"{where}: mm_vision_select_feature {spec.select_feature!r}: expected patch or cls_patch")
-    unsupported = None
     if cfg.get("is_multipath_encoder"):
-        unsupported = "the LLaVA-HR multi-path (CLIP + ConvNeXt) vision tower is not supported yet"
-    elif aspect not in ("pad", "square") or merge != "flat":
-        unsupported = f"image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (anyres) is not supported yet"
-    if unsupported:
-        spec.tower_source = unsupported
+        return _multipath_spec(info, weights, vision_tower, spec)
+    if aspect != "anyres" and (aspect not in ("pad", "square") or merge != "flat"):
+        spec.tower_source = (f"image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not supported "
+                             "(expected pad or square with flat, or anyres with spatial_unpad)")
         return spec
 
     tower_dir = _resolve_tower_dir(info, vision_tower)
@@ -302,6 +300,49 @@ def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> V
         return spec
     spec.image_processor = read_json(proc) if proc.is_file() else default_image_processor(
         spec.tower_config["image_size"])
+    if aspect == "anyres":
+        from .anyres import anyres_from_config
+
+        spec.anyres = anyres_from_config(cfg, spec.tower_config, spec.image_processor, where)
+    return spec
+
+
+def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, spec: VisionSpec) -> VisionSpec:
+    """LLaVA-HR's CLIP + ConvNeXt tower (``is_multipath_encoder``), weights all in the checkpoint:
+    the CLIP branch's config from the tower directory, or inferred from its weights; the ConvNeXt
+    branch's from its weights (``vision_tower_slow`` names a timm variant, but the authors' code
+    reads only whether it says 'xxlarge'); the processor the authors hard-code for the ConvNeXt
+    branch at ``input_image_size``."""
+    from . import llava_hr as hr
+
+    cfg, where = info.config, info.path / "config.json"
+    size = cfg.get("input_image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise GammamodError(f"{where}: is_multipath_encoder needs input_image_size, the side in pixels both branches "
+                            f"take (1024 in the gamma-MoD releases), got {size!r}")
+    if spec.image_aspect_ratio not in ("pad", "square"):
+        raise GammamodError(f"{where}: image_aspect_ratio {spec.image_aspect_ratio!r} with the multi-path tower: "
+                            "expected pad (the releases) or square")
+    shapes = {k: tuple(r.shape) for k, r in weights.refs.items() if k.startswith(hr.PREFIX)}
+    convnext = hr.convnext_from_shapes(shapes, str(info.path), str(cfg.get("vision_tower_slow") or ""))
+    tower_dir = _resolve_tower_dir(info, vision_tower)
+    if tower_dir is not None:
+        clip = _tower_config_from_dir(tower_dir)
+        spec.tower_source = f"{tower_dir} (CLIP config), {info.path} (weights of both branches)"
+    else:
+        fast = {k[len(hr.FAST):]: s for k, s in shapes.items() if k.startswith(hr.FAST)}
+        for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding.weight",
+                    "vision_model.encoder.layers.0.mlp.fc1.weight"):
+            if key not in fast:
+                raise GammamodError(f"{info.path}: missing key {hr.FAST}{key} (the LLaVA-HR CLIP branch is incomplete)")
+        clip = _infer_tower_config(fast)
+        spec.tower_source = (f"{info.path} (weights of both branches; CLIP config inferred from its weights, heads of 64 "
+                             "channels as in OpenAI's CLIP)")
+    # the authors build the adapters only when the tower was trained (freeze_vision false, as released)
+    spec.multipath = hr.MultiPathSpec(size, not cfg.get("freeze_vision", True), convnext)
+    hr.check_geometry(spec.multipath, clip, str(where))
+    spec.tower_config = clip
+    spec.image_processor = hr.convnext_processor(size)
     return spec
 
 
@@ -544,7 +585,12 @@ def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
         _fold_shared_router(info, weights, recipe)
     vision = vision_spec(info, weights, vision_tower)
     if vision is not None and not vision.has_tower:
-        weights.refs = {k: v for k, v in weights.refs.items() if not k.startswith("model.vision_tower.")}
+        weights.refs = {k: v for k, v in weights.refs.items()
+                        if not k.startswith("model.vision_tower.") and k != "model.image_newline"}
+    if vision is not None and vision.multipath is not None:
+        from .llava_hr import UNUSED_KEYS
+
+        weights.refs = {k: v for k, v in weights.refs.items() if not any(p.match(k) for p in UNUSED_KEYS)}
     if cfg.tie_word_embeddings:
         weights.refs.pop("lm_head.weight", None)
     ckpt = Checkpoint(info, cfg, recipe, router_bias, vision, weights)

@@ -85,7 +85,9 @@ def register(sub) -> None:
                                    "tokenizer, image processor config, tiny CLIP tower) in the recipe's own "
                                    "format, with non-trivial router weights.")
     p.add_argument("out", type=Path, help="output checkpoint directory")
-    p.add_argument("--recipe", required=True, choices=("gamma-mod", "p-mod", "llava"))
+    p.add_argument("--recipe", required=True, choices=("gamma-mod", "p-mod", "llava", "gamma-mod-hr", "p-mod-next"),
+                   help="gamma-mod-hr / p-mod-next: the released checkpoints' vision (LLaVA-HR's CLIP + ConvNeXt tower; "
+                        "LLaVA-NeXT anyres), tiny")
     p.add_argument("--size", default="tiny", choices=("tiny", "bench"),
                    help="tiny: for tests (default); bench: LLaVA-1.5 geometry (336 px, 576 image tokens), "
                         "a 32-layer decoder big enough to time")

@@ -26,7 +26,7 @@ from gammamod.manifest import SCHEMA, SCHEMA_VERSION, Manifest, describe_files, 
 from . import ops
 from .checkpoint import Checkpoint, open_checkpoint
 from .fusion import fuse_projections, fused_tensor
-from .graphs import DecoderGraph, VisionGraph, rope_tables
+from .graphs import DecoderGraph, VisionGraph, rope_tables, vision_extra_weights
 from .onnx_graph import WeightsFile, bind_weights, io_spec, prepare_graph, to_proto
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,6 +34,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 DECODER_GRAPHS = ("decoder", "decoder_ort", "decode_ort")
+NEWLINE_FILE = "image_newline.npy"
 GRAPH_FILES = {"vision": "vision.onnx", "decoder": "decoder.onnx", "decoder_ort": "decoder.ort.onnx",
                "decode_ort": "decode.ort.onnx"}
 
@@ -130,26 +131,42 @@ def _tokenizer(ckpt: Checkpoint):
     return Tokenizer.from_dir(d)
 
 
-def default_span_length(ckpt: Checkpoint, tokenizer) -> int | None:
-    """The routed span of the default prompt (the vicuna_v1 template, one image): p-MoD's image
-    tokens, gamma-MoD's system prompt and image. None without tokenizer or vision tower."""
+def default_span_lengths(ckpt: Checkpoint, tokenizer) -> list[int]:
+    """The routed spans of the default prompt (the vicuna_v1 template, one image): p-MoD's image
+    tokens, gamma-MoD's system prompt and image. Anyres images take a number of tokens that depends
+    on their size: one span per grid, for an image of the grid's exact shape (its largest). None
+    without tokenizer or vision tower."""
     from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, VICUNA_V1, routable_span, tokenize_with_image
 
     if tokenizer is None or ckpt.vision is None or not ckpt.vision.has_tower:
-        return None
+        return []
     ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
-    return routable_span(ckpt.recipe.span, [(ids.index(IMAGE_TOKEN_INDEX), ckpt.vision.image_tokens)])[1]
+    return [routable_span(ckpt.recipe.span, [(ids.index(IMAGE_TOKEN_INDEX), n)])[1]
+            for n in _image_token_counts(ckpt.vision)]
 
 
-def default_prompt_length(ckpt: Checkpoint, tokenizer) -> int | None:
-    """The default prompt's length with an empty question (the vicuna_v1 template and one image):
-    what threshold routing routes whole, at least."""
-    from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, VICUNA_V1, tokenize_with_image
+def _image_token_counts(vision) -> list[int]:
+    """One image's token counts: fixed, or with anyres the largest of each grid."""
+    return vision.anyres.token_range() if vision.anyres is not None else [vision.image_tokens]
+
+
+def vision_rows(ckpt: Checkpoint, opts: ExportOptions) -> int:
+    """The most tower inputs one vision call takes (TensorRT's profile): a row per image, or with
+    anyres the base tile and the largest grid's tiles of each of --max-batch images."""
+    anyres = ckpt.vision.anyres
+    per_image = max(anyres.rows(p) for p in anyres.pinpoints) if anyres is not None else 1
+    return opts.max_batch * per_image
+
+
+def default_prompt_lengths(ckpt: Checkpoint, tokenizer) -> list[int]:
+    """The default prompt's lengths with an empty question (the vicuna_v1 template and one image,
+    anyres: one per grid as above): what threshold routing routes whole, at least."""
+    from gammamod.runtime.prompt import VICUNA_V1, tokenize_with_image
 
     if tokenizer is None or ckpt.vision is None or not ckpt.vision.has_tower:
-        return None
+        return []
     ids = tokenize_with_image(tokenizer, VICUNA_V1.prompt(""))
-    return len(ids) - 1 + ckpt.vision.image_tokens
+    return [len(ids) - 1 + n for n in _image_token_counts(ckpt.vision)]
 
 
 def _quiet():
@@ -179,8 +196,8 @@ def _trace(module, args, dynamic_shapes, input_names, output_names):
 
 def _trace_vision(model, ckpt: Checkpoint, opts: ExportOptions):
     dtype = next(model.parameters()).dtype
-    size = ckpt.vision.tower_config["image_size"]
-    images = torch.export.Dim("images", min=1, max=opts.max_batch)
+    size = ckpt.vision.input_size
+    images = torch.export.Dim("images", min=1, max=max(2, vision_rows(ckpt, opts)))
     return _trace(VisionGraph(model), (torch.zeros(2, 3, size, size, dtype=dtype, device="meta"),),
                   ({0: images},), ["pixel_values"], ["image_features"])
 
@@ -439,8 +456,9 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
         if routing == "threshold" and not overrides:  # no capacity: the whole chunk, the threshold decides alone
             overrides = {layer: {"fraction": "1"} for layer in ckpt.recipe.mod_layers}
         rule = ckpt.recipe.capacity_rule(opts.skip_ratio, overrides, opts.capacity_span)
-        default = default_span_length(ckpt, tokenizer) if routing == "static" else default_prompt_length(ckpt, tokenizer)
-        span_lengths = sorted(set(opts.span_lengths or [])) or [n for n in [default] if n]
+        defaults = (default_span_lengths(ckpt, tokenizer) if routing == "static"
+                    else default_prompt_lengths(ckpt, tokenizer))
+        span_lengths = sorted(set(opts.span_lengths or [])) or defaults
         if opts.capacity_span is not None:
             if opts.span_lengths and span_lengths != [opts.capacity_span]:
                 raise GammamodError(f"--capacity gives absolute counts for a span of {opts.capacity_span} tokens; "
@@ -463,7 +481,7 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
                                                        fused, rope_tables(cfg, max_seq, dtype))}
         if "vision" in graphs:
             placements["vision.weights"] = write_weights(ckpt, specs["vision"], partial / "vision.weights", dtype,
-                                                         stages)
+                                                         stages, extra=vision_extra_weights(ckpt, dtype))
         stages("writing graphs, embeddings, tokenizer, manifest")()
         import onnx
 
@@ -488,6 +506,9 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
         np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
         np.save(partial / "embed_tokens.npy", _tensor_bytes(embed).view(np_dtype).reshape(tuple(embed.shape)))
         del embed
+        if "vision" in graphs and ckpt.vision.anyres is not None:  # LLaVA-NeXT's row end, in the decoder's space
+            newline = ckpt.weights.tensor("model.image_newline", dtype)
+            np.save(partial / NEWLINE_FILE, _tensor_bytes(newline).view(np_dtype).reshape(tuple(newline.shape)))
         copied = [f for f in TOKENIZER_FILES if (ckpt.info.path / f).is_file()]
         for f in copied:
             shutil.copy(ckpt.info.path / f, partial / f)
@@ -530,9 +551,13 @@ def _manifest_data(ckpt: Checkpoint, opts: ExportOptions, routing: str, rule: di
         absent.append("tokenizer")
     image = None
     if "vision" in graphs:
-        size = ckpt.vision.tower_config["image_size"]
-        image = {"processor": ckpt.vision.image_processor, "aspect": ckpt.vision.image_aspect_ratio,
-                 "size": [size, size], "tokens": ckpt.vision.image_tokens}
+        vision = ckpt.vision
+        size = vision.input_size
+        image = {"processor": vision.image_processor, "aspect": vision.image_aspect_ratio,
+                 "size": [size, size], "tokens": vision.image_tokens, "max_rows": vision_rows(ckpt, opts),
+                 "tower": "llava-hr" if vision.multipath is not None else "clip"}
+        if vision.anyres is not None:
+            image["anyres"] = {**vision.anyres.to_dict(), "newline": NEWLINE_FILE}
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": now(),
         "source": {"checkpoint": str(ckpt.info.path), "format": ckpt.info.format,

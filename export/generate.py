@@ -209,8 +209,11 @@ class PromptBatch:
 
 def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values=None) -> PromptBatch:
     """Tokenise LLaVA prompts (``<image>`` marks where the image goes), embed them and splice in
-    the projected image features. ``pixel_values`` [B, 3, H, W] (numpy or torch), one image per
-    prompt, or None for text-only prompts."""
+    the image features. ``pixel_values``: one image per prompt, as [B, 3, H, W] (numpy or torch)
+    or as the runtime's ``ImageBatch`` (what ``model.vision.processor().process(pictures)``
+    gives; anyres images need it: several tiles each, merged by their size); None for text-only
+    prompts."""
+    from gammamod.runtime.image import ImageBatch
     from gammamod.runtime.prompt import IMAGE_TOKEN_INDEX, tokenize_with_image
 
     ids = [tokenize_with_image(tokenizer, p) for p in prompts]
@@ -225,11 +228,19 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
         if not model.has_vision:
             why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
             raise GammamodError(f"this checkpoint cannot take images: {why}")
-        pixels = torch.as_tensor(pixel_values)
-        if pixels.dim() != 4 or pixels.shape[0] != len(prompts):
-            raise GammamodError(f"pixel_values of shape {list(pixels.shape)}: expected [{len(prompts)}, 3, H, W]")
+        images = pixel_values
+        if not isinstance(images, ImageBatch):
+            if model.vision.anyres is not None:
+                raise GammamodError("anyres images: pass the ImageBatch that model.vision.processor().process(pictures) "
+                                    "gives (each image's tiles and size), not pixel_values")
+            pixels = torch.as_tensor(pixel_values)
+            if pixels.dim() != 4:
+                raise GammamodError(f"pixel_values of shape {list(pixels.shape)}: expected [{len(prompts)}, 3, H, W]")
+            images = ImageBatch(pixels, [1] * pixels.shape[0], [])
+        if len(images.rows) != len(prompts):
+            raise GammamodError(f"{len(images.rows)} images for {len(prompts)} prompts: expected one per prompt")
         with torch.no_grad():
-            features = model.encode_images(pixels)
+            features = model.image_features(images)
     rows, image_spans = [], []
     for b, row in enumerate(ids):
         if features is None:
@@ -239,7 +250,7 @@ def prepare_prompts(model: MoDLlava, tokenizer, prompts: list[str], pixel_values
         before = model.embed(torch.tensor(row[:at], dtype=torch.long))
         after = model.embed(torch.tensor(row[at + 1:], dtype=torch.long))
         rows.append(torch.cat([before, features[b].to(before.dtype), after]))
-        image_spans.append((at, features.shape[1]))
+        image_spans.append((at, features[b].shape[0]))
     lengths = torch.tensor([r.shape[0] for r in rows])
     width = int(lengths.max())
     embeds = torch.zeros(len(rows), width, model.config.hidden_size, dtype=model.dtype)
@@ -254,7 +265,7 @@ def prompt_batch(model: MoDLlava, checkpoint, questions: list[str], image=None, 
     """The reference's inputs for questions about one image (a path or a PIL image; None: text
     only) in LLaVA's vicuna_v1 template: tokens, projected image features from the PyTorch tower,
     embeddings, and each row's routed span."""
-    from gammamod.runtime.image import ImageProcessor, as_picture
+    from gammamod.runtime.image import as_picture
     from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.tokenizer import Tokenizer
 
@@ -265,8 +276,7 @@ def prompt_batch(model: MoDLlava, checkpoint, questions: list[str], image=None, 
         if not model.has_vision:
             why = model.vision.tower_source if model.vision is not None else "it has no vision tower or projector"
             raise GammamodError(f"{checkpoint}: cannot take images: {why}")
-        proc = ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
-        pixels = torch.from_numpy(proc.batch([picture] * len(questions)))
+        pixels = model.vision.processor().process([picture] * len(questions))
     prompts = [VICUNA_V1.prompt(q, has_image=image is not None, system=system) for q in questions]
     return prepare_prompts(model, tokenizer, prompts, pixels)
 

@@ -248,14 +248,39 @@ class DecoderGraph(nn.Module):
 
 
 class VisionGraph(nn.Module):
-    """``pixel_values`` [N, 3, S, S] -> projected ``image_features`` [N, image_tokens, hidden]."""
+    """``pixel_values`` [N, 3, S, S] -> projected ``image_features`` [N, image_tokens, hidden]
+    (anyres: N tiles). LLaVA-HR's CLIP position embedding, which the eager tower resamples (bicubic,
+    antialiased) on every forward, depends on the weights only: here it is a buffer the weights
+    writer fills with the resampled table (``vision_extra_weights``), so the graph holds no
+    antialiased resize (which TensorRT does not parse)."""
 
     def __init__(self, model: MoDLlava):
         super().__init__()
         self.model = model
+        tower = model.model.vision_tower
+        self.multipath = hasattr(tower, "patch_positions")
+        if self.multipath:
+            weight = tower.clip_model.embeddings.position_embedding.weight
+            self.register_buffer("fast_patch_positions", torch.empty(tower.tokens, weight.shape[1], dtype=weight.dtype,
+                                                                     device=weight.device))
 
     def forward(self, pixel_values):
+        if self.multipath:
+            features = self.model.model.vision_tower(pixel_values, positions=self.fast_patch_positions)
+            return self.model.model.mm_projector(features)
         return self.model.encode_images(pixel_values)
+
+
+def vision_extra_weights(ckpt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What :class:`VisionGraph`'s buffers hold, computed from the checkpoint's weights as the eager
+    model computes them."""
+    vision = ckpt.vision
+    if vision is None or vision.multipath is None:
+        return {}
+    from .llava_hr import FAST, resample_positions
+
+    weight = ckpt.weights.tensor(FAST + "vision_model.embeddings.position_embedding.weight", dtype)
+    return {"fast_patch_positions": resample_positions(weight, vision.image_tokens)}
 
 
 def rope_tables(cfg, max_seq: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ tokens it processed, and a gamma-MoD layer that the decode gate skips appends no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,11 @@ from torch import nn
 
 from . import routing as R
 from .recipes import Recipe
+
+if TYPE_CHECKING:
+    from gammamod.runtime.anyres import AnyRes
+
+    from .llava_hr import MultiPathSpec
 
 ROUTING_MODES = ("reference", "static", "threshold", "dense")
 
@@ -60,26 +66,46 @@ class DecoderConfig:
 
 @dataclass
 class VisionSpec:
-    """How image features reach the decoder (LLaVA's mm_* config fields)."""
+    """How image features reach the decoder (LLaVA's mm_* config fields).
+
+    The tower is a CLIP ViT (LLaVA), or LLaVA-HR's CLIP + ConvNeXt tower when ``multipath`` is set
+    (``export/llava_hr.py``; ``tower_config`` is then its CLIP branch). ``anyres`` (LLaVA-NeXT) cuts
+    each image into tiles: the tower takes tiles, and each image's features are merged with
+    ``image_newline`` (``export/anyres.py``)."""
 
     projector_type: str = "mlp2x_gelu"
     mm_hidden_size: int = 1024
     select_layer: int = -2
     select_feature: str = "patch"  # patch | cls_patch
-    image_aspect_ratio: str = "pad"  # pad | square
+    image_aspect_ratio: str = "pad"  # pad | square | anyres
     tower_config: dict | None = None  # CLIPVisionConfig fields; None: no vision tower loaded
     tower_source: str = ""  # where the tower came from, for messages and the manifest
     image_processor: dict = field(default_factory=dict)
+    multipath: "MultiPathSpec | None" = None
+    anyres: "AnyRes | None" = None
 
     @property
     def has_tower(self) -> bool:
         return self.tower_config is not None
 
     @property
+    def input_size(self) -> int:
+        """Pixels per side of one tower input."""
+        return self.multipath.input_size if self.multipath else (self.tower_config or {}).get("image_size", 336)
+
+    @property
     def image_tokens(self) -> int:
+        """Tokens per tower input (anyres: per tile; an image's count is ``anyres.tokens(size)``)."""
         cfg = self.tower_config or {}
-        grid = cfg.get("image_size", 336) // cfg.get("patch_size", 14)
-        return grid * grid + (1 if self.select_feature == "cls_patch" else 0)
+        pixels = self.multipath.fast_size if self.multipath else cfg.get("image_size", 336)
+        grid = pixels // cfg.get("patch_size", 14)
+        return grid * grid + (1 if self.select_feature == "cls_patch" and not self.multipath else 0)
+
+    def processor(self):
+        """The runtime's image processor for this model (what the PyTorch reference feeds too)."""
+        from gammamod.runtime.image import ImageProcessor
+
+        return ImageProcessor(self.image_processor, self.image_aspect_ratio, self.anyres)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +599,14 @@ class LlavaBackbone(nn.Module):
         if vision is not None:
             self.mm_projector = build_projector(vision, cfg.hidden_size)
             if vision.has_tower:
-                self.vision_tower = VisionTower(vision)
+                if vision.multipath is not None:
+                    from .llava_hr import MultiPathTower
+
+                    self.vision_tower = MultiPathTower(vision)
+                else:
+                    self.vision_tower = VisionTower(vision)
+            if vision.anyres is not None:  # LLaVA-NeXT's spatial_unpad: the embedding closing each row
+                self.image_newline = nn.Parameter(torch.empty(cfg.hidden_size))
 
 
 class MoDLlava(nn.Module):
@@ -603,8 +636,22 @@ class MoDLlava(nn.Module):
         return self.model.embed_tokens(token_ids)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> projected image features [N, image_tokens, hidden]."""
+        """[N, 3, H, W] -> projected image features [N, image_tokens, hidden] (anyres: N tiles)."""
         return self.model.mm_projector(self.model.vision_tower(pixel_values))
+
+    def image_features(self, images) -> list[torch.Tensor]:
+        """A ``runtime.image.ImageBatch`` -> what the decoder sees of each image, [tokens, hidden]
+        (anyres: the base tile, then the unpadded feature map row by row, each row ending with
+        ``image_newline``)."""
+        pixels = torch.as_tensor(images.pixels)
+        features = self.encode_images(pixels) if pixels.shape[0] else pixels.new_zeros(0, 0, self.config.hidden_size)
+        rows = images.split(features)
+        if self.vision.anyres is None:
+            return [r[0] for r in rows]
+        from .anyres import merge_anyres
+
+        return [merge_anyres(r, size, self.vision.anyres, self.model.image_newline)
+                for r, size in zip(rows, images.sizes)]
 
     def forward_chunk(self, inputs_embeds: torch.Tensor, step: Step) -> torch.Tensor:
         """Run every decoder layer over one chunk; returns the final-norm hidden states."""

@@ -30,7 +30,7 @@ from . import recipes as rc
 from .checkpoint import checkpoint_key, default_image_processor
 from .model import DecoderConfig, MoDLlava, VisionSpec
 
-TINY_RECIPES = ("gamma-mod", "p-mod", "llava")
+TINY_RECIPES = ("gamma-mod", "p-mod", "llava", "gamma-mod-hr", "p-mod-next")
 SIZES = ("tiny", "bench")
 TOWER_DIR = "clip-vision-tower"
 MARKER = "gammamod-tiny.json"  # how --force recognises a checkpoint make-tiny wrote (loaders ignore it)
@@ -124,6 +124,9 @@ def _tower_config(g: Geometry) -> dict:
 
 def _recipe(name: str, layers: int) -> tuple[rc.Recipe, dict, bool]:
     """The recipe, its config.json fields in the authors' schema, and router bias."""
+    from .tiny_vision import VISION_RECIPES
+
+    name = VISION_RECIPES.get(name, name)
     if name == "gamma-mod":
         mod = {"mod_enable": True, "mod_mode": "arank_mod", "capacity_factor": 0.5, "router_aux_loss_coef": 0.01}
         mod["mod_layers_idx"] = rc.gamma_mod_layers(mod, layers)
@@ -150,8 +153,8 @@ def _init_weights(model: MoDLlava, recipe: rc.Recipe, seed: int) -> None:
             t.copy_(torch.randn(t.shape, generator=gen) * std + mean)
 
     for name, p in model.named_parameters():
-        if name.startswith("model.vision_tower."):
-            continue  # CLIP's own initialisation, below
+        if name.startswith("model.vision_tower.") or name == "model.image_newline":
+            continue  # CLIP's own initialisation; the rest of the vision side: tiny_vision.init_weights
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
             normal(p, 0.05, 1.0)
         elif name == "model.embed_tokens.weight":
@@ -188,17 +191,14 @@ def _calibrate_routers(model: MoDLlava, recipe: rc.Recipe, gen: torch.Generator)
     sample prompt (the bundled test image between random text) spread with std 1.5 around a
     seeded offset of std 0.5."""
     from gammamod.demo import test_image
-    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.image import load_image
 
-    from .checkpoint import default_image_processor
     from .generate import forward_language
 
-    vision = model.vision
-    size = vision.tower_config["image_size"]
-    pixels = ImageProcessor(default_image_processor(size), vision.image_aspect_ratio).batch([load_image(test_image())])
+    images = model.vision.processor().process([load_image(test_image())])
     vocab = model.config.vocab_size
     with torch.no_grad():
-        image = model.encode_images(torch.from_numpy(pixels))
+        image = model.image_features(images)[0][None]
         before = model.embed(torch.randint(3, vocab, (1, 32), generator=gen))
         after = model.embed(torch.randint(3, vocab, (1, 16), generator=gen))
         x = torch.cat([before, image, after], dim=1)
@@ -267,34 +267,45 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
     """Write a seeded checkpoint of ``recipe_name`` (gamma-mod | p-mod | llava) to ``out``.
 
     ``layout`` is ``original`` (the authors' layout) or ``hf`` (llava only: the transformers
-    ``llava`` layout). The directory appears whole or not at all.
+    ``llava`` layout). ``gamma-mod-hr`` and ``p-mod-next`` are the released checkpoints' vision
+    (LLaVA-HR's tower, LLaVA-NeXT's anyres: ``tiny_vision.py``), tiny only. The directory appears
+    whole or not at all.
     """
+    from . import tiny_vision
+
     if recipe_name not in TINY_RECIPES:
         raise GammamodError(f"--recipe {recipe_name!r}: expected one of {', '.join(TINY_RECIPES)}")
     if size not in SIZES:
         raise GammamodError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
+    if size != "tiny" and recipe_name in tiny_vision.VISION_RECIPES:
+        raise GammamodError(f"--recipe {recipe_name} comes in --size tiny only")
     if layout not in ("original", "hf") or (layout == "hf" and recipe_name != "llava"):
         raise GammamodError(f"--layout {layout!r}: expected original, or hf for --recipe llava")
     out = Path(out)
     check_replaceable(out, force, is_ours=is_tiny_checkpoint, what="make-tiny checkpoint")
     tick = progress or (lambda msg: None)
     g = GEOMETRY[size]
-    layers = g.layers[recipe_name]
+    decoder_recipe = tiny_vision.VISION_RECIPES.get(recipe_name, recipe_name)
+    layers = g.layers[decoder_recipe]
     recipe, recipe_fields, router_bias = _recipe(recipe_name, layers)
     cfg = DecoderConfig(vocab_size=g.vocab, hidden_size=g.hidden, intermediate_size=g.intermediate,
                         num_layers=layers, num_heads=g.heads, num_kv_heads=g.kv_heads, head_dim=g.hidden // g.heads,
                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=g.max_positions)
-    vision = VisionSpec(projector_type="mlp2x_gelu", mm_hidden_size=g.vision_hidden, select_layer=-2,
-                        select_feature="patch", image_aspect_ratio="pad", tower_config=_tower_config(g))
+    vision = tiny_vision.vision_spec(recipe_name, _tower_config(g))
+    recipe_fields = {**recipe_fields, **tiny_vision.config_fields(vision)}
 
     tick("tokenizer")
     sp_model = train_tokenizer(size, g.vocab, seed)
     tick("weights")
     torch.manual_seed(seed + 1)  # CLIP tower: transformers' own initialisation, seeded
     model = MoDLlava(cfg, recipe, vision, router_bias)
+    vision_gen = torch.Generator().manual_seed(seed + 3)
+    tiny_vision.init_weights(model, vision_gen)
     _init_weights(model, recipe, seed + 2)
     state = {k: v.detach().to(g.dtype) for k, v in model.state_dict().items()}
-    fmt = {"gamma-mod": "gamma-mod", "p-mod": "p-mod", "llava": "llava"}[recipe_name]
+    state.update({k: v if v.dtype == torch.int64 else v.to(g.dtype)
+                  for k, v in tiny_vision.unused_tensors(vision, vision_gen).items()})
+    fmt = decoder_recipe
     if layout == "hf":
         fmt = "llava-hf"
     tower_state = {k[len("model.vision_tower.vision_tower."):]: v for k, v in state.items()
@@ -307,7 +318,7 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
                 and name != f"model.layers.{recipe.mod_layers[0]}.router.weight":
             continue  # safetensors keeps the shared router under one key only
         tensors[checkpoint_key(fmt, name, recipe.mod_layers)] = value
-    if recipe_name == "gamma-mod":  # transformers 4.31 persisted the rotary buffers
+    if decoder_recipe == "gamma-mod":  # transformers 4.31 persisted the rotary buffers
         d = cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
         for i in range(layers):
@@ -322,7 +333,8 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        processor = {**default_image_processor(g.image_size), "image_processor_type": "CLIPImageProcessor"}
+        processor = {**default_image_processor(vision.tower_config["image_size"]),
+                     "image_processor_type": "CLIPImageProcessor"}
         generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": g.max_positions}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if layout == "hf":
@@ -330,13 +342,13 @@ def make_tiny(out: str | Path, recipe_name: str, size: str = "tiny", seed: int =
         else:
             tower = tmp / TOWER_DIR
             tower.mkdir()
-            (tower / "config.json").write_text(json.dumps(_tower_config(g), indent=2))
+            (tower / "config.json").write_text(json.dumps(vision.tower_config, indent=2))
             (tower / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
             if recipe_name == "llava":
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in tower_state.items()}, str(tower / "model.safetensors"))
-            config = _llava_config(recipe_name, cfg, g, recipe_fields, dtype_name)
+            config = _llava_config(decoder_recipe, cfg, g, recipe_fields, dtype_name)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe_name, "size": size, "seed": seed, "layout": layout},
                                              indent=2) + "\n")

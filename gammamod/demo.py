@@ -13,12 +13,15 @@
 6. what gammamod refuses: real attempts at destroying files and feeding garbage, each one line;
 7. calibrate: ARank on the tiny gamma-MoD checkpoint; capacities from the shipped calibration set
    feeding a threshold-routed export that equals gamma-MoD's released inference on it;
-8. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
+8. the released checkpoints' vision (not with --quick): tiny LLaVA-HR gamma-MoD and LLaVA-NeXT
+   p-MoD models exported and run on images of three aspect ratios against PyTorch;
+9. on a bench-size p-MoD model (LLaVA-1.5 geometry: 576 image tokens, 32 layers): export, validate
    against PyTorch, and bench against its dense twin and the PyTorch baselines, with the chart;
-9. int8 quantization (``calib quantize``): the tiny p-MoD artifact linted, run and validated; without
+10. int8 quantization (``calib quantize``): the tiny p-MoD artifact linted, run and validated; without
    ``--quick`` the bench-size one validated and benched next to fp32;
-10. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
-   device memory next to the dense twin's) and a bundle for the Orin (with 8.: the bench-size model too).
+11. engines without TensorRT: `build --dry-run` plans for an H100 and a Jetson AGX Orin (profiles,
+   device memory next to the dense twin's) and a bundle for the Orin (with 9.: the bench-size model too);
+12. serving: the routing picture (``inspect``) and a ``serve`` round trip with the ``openai`` client.
 """
 
 from __future__ import annotations
@@ -66,8 +69,10 @@ def run_demo(workdir: Path, fresh: bool = False, quick: bool = False) -> int:
     bench = None
     if not quick:
         from gammamod.calib.demo import run as calibrate
+        from gammamod.export.vision_demo import released_vision_table
 
         calibrate(workdir, checkpoints["gamma-mod"])
+        released_vision_table(workdir, image, fresh, checkpoint=_checkpoint, current=_current)
         bench = _bench_size(workdir, image, fresh)
     from gammamod.calib.demo import quantize_demo
     from gammamod.serve.demo import serving_demo
@@ -197,12 +202,11 @@ LAYOUTS = [("default prompt", DEMO_PROMPT, None),
 def _layouts_table(checkpoints: dict[str, Path], artifacts: dict[str, Path], image: Path) -> None:
     """One exported artifact per recipe answers prompts whose routed span sits elsewhere, with the
     kept counts computed for each span, and the tokens PyTorch's static mode gives."""
-    import torch
     from rich.table import Table
 
     from gammamod.export import generate_from_embeds, load_checkpoint
     from gammamod.export.generate import prepare_prompts
-    from gammamod.runtime.image import ImageProcessor, load_image
+    from gammamod.runtime.image import load_image
     from gammamod.runtime.pipeline import Pipeline
     from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.tokenizer import Tokenizer
@@ -215,8 +219,7 @@ def _layouts_table(checkpoints: dict[str, Path], artifacts: dict[str, Path], ima
         pipe = Pipeline.load(art)
         model = load_checkpoint(checkpoints[recipe])
         tok = Tokenizer.from_dir(checkpoints[recipe])
-        pixels = torch.from_numpy(ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
-                                  .batch([load_image(image)]))
+        pixels = model.vision.processor().process([load_image(image)])
         for name, question, system in LAYOUTS:
             prepared = pipe.prepare([image], [question], system=system)
             start, length = prepared.routable[0]
@@ -298,7 +301,7 @@ def _bench_size(workdir: Path, image: Path, fresh: bool) -> tuple[Path, Path]:
     if fresh or not _current(art):
         with StageProgress("export bench-size p-mod") as progress:
             export_artifact(ckpt, art, ExportOptions(force=True), progress=progress)
-    console.print("[bold]7. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
+    console.print("[bold]8. Bench-size p-MoD[/bold] (336 px, 576 image tokens, 32 layers): validate, then bench")
     with StageProgress("validate") as progress:
         report = run_validate(art, ckpt, samples=2, steps=8, progress=progress)
     write_report(report, workdir / "bench-validate.json")

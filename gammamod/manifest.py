@@ -232,11 +232,7 @@ def validate(data, where: Path) -> None:
     _need(absent <= {"vision", "tokenizer"}, where, "absent may list only vision and tokenizer")
     _need(("vision" in graphs) != ("vision" in absent), where, "graphs.vision must exist unless 'vision' is absent")
     if "vision" in graphs:
-        image = data.get("image")
-        _need(isinstance(image, dict) and _positive(image.get("tokens")), where, "image.tokens must be a positive integer")
-        out = {o["role"]: o for o in graphs["vision"]["outputs"]}.get("image_features")
-        _need(out is not None and out["shape"][1:] == [image["tokens"], model["hidden_size"]], where,
-              "graphs.vision's image_features must be [images, image.tokens, model.hidden_size]")
+        _check_image(data, where)
     if "tokenizer" not in absent:
         tok = data.get("tokenizer")
         _need(isinstance(tok, dict) and tok.get("files") and all(f in files for f in tok["files"]),
@@ -244,6 +240,33 @@ def validate(data, where: Path) -> None:
         for key in ("bos_id", "eos_id"):
             _need(tok.get(key) is None or (_count(tok[key]) and tok[key] < model["vocab_size"]), where,
                   f"tokenizer.{key} must be a token id below vocab_size")
+
+
+def _check_image(data: dict, where: Path) -> None:
+    """The vision graph's output is [rows, image.tokens, hidden]: a row per image, or with anyres a row
+    per tile, whose features the runtime merges into a number of tokens that depends on the image's
+    size (image.anyres: the grids, the tile, the tower's patches per side, the newline embedding)."""
+    image, model, files = data.get("image"), data["model"], data["files"]
+    _need(isinstance(image, dict) and _positive(image.get("tokens")), where, "image.tokens must be a positive integer")
+    out = {o["role"]: o for o in data["graphs"]["vision"]["outputs"]}.get("image_features")
+    _need(out is not None and out["shape"][1:] == [image["tokens"], model["hidden_size"]], where,
+          "graphs.vision's image_features must be [rows, image.tokens, model.hidden_size]")
+    _need(image.get("max_rows") is None or _positive(image["max_rows"]), where, "image.max_rows must be a positive integer")
+    _need(image.get("aspect") in ("pad", "square", "anyres"), where, "image.aspect must be pad, square or anyres")
+    anyres = image.get("anyres")
+    _need((image["aspect"] == "anyres") == isinstance(anyres, dict), where,
+          "image.anyres must describe the grids exactly when image.aspect is anyres")
+    if anyres is None:
+        return
+    tile, side = anyres.get("tile"), anyres.get("patches_per_side")
+    _need(_positive(tile) and _positive(side) and side * side == image["tokens"], where,
+          "image.anyres.tile and patches_per_side must be positive, patches_per_side squared image.tokens")
+    points = anyres.get("grid_pinpoints")
+    _need(isinstance(points, list) and points and all(
+        isinstance(p, list) and len(p) == 2 and all(_positive(v) and v % tile == 0 for v in p) for p in points),
+        where, "image.anyres.grid_pinpoints must be [width, height] pairs, multiples of image.anyres.tile")
+    _need(anyres.get("merge") == "spatial_unpad", where, "image.anyres.merge must be spatial_unpad")
+    _need(anyres.get("newline") in files, where, "image.anyres.newline must name a listed file")
 
 
 def _positive(x) -> bool:

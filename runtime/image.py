@@ -2,12 +2,15 @@
 
 Pad-to-square with the mean colour (LLaVA's ``expand2square``, when ``image_aspect_ratio`` is
 ``pad``), then transformers' CLIPImageProcessor steps: resize the shortest edge (bicubic),
-centre crop, rescale, normalise. Equal to ``CLIPImageProcessor`` within 1e-5.
+centre crop, rescale, normalise. Equal to ``CLIPImageProcessor`` within 1e-5. LLaVA-HR feeds its
+1024-pixel tower this way too (its ConvNeXt branch's processor settings, the same mean colour);
+LLaVA-NeXT's ``anyres`` cuts each image into several tiles (``runtime/anyres.py``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from math import ceil
 
 import numpy as np
@@ -138,13 +141,34 @@ def _size_of(value, key: str, default: int) -> int:
     return default
 
 
-class ImageProcessor:
-    """Preprocessing from a ``preprocessor_config.json`` dict (CLIPImageProcessor fields)."""
+@dataclass
+class ImageBatch:
+    """Pictures turned into what the vision graph takes: ``pixels`` [rows, 3, S, S], ``rows[i]`` of
+    them for picture i (one each, or an anyres image's base tile and grid tiles), and each
+    picture's original (width, height), which anyres needs to put the features back together."""
 
-    def __init__(self, config: dict, aspect: str = "pad"):
+    pixels: np.ndarray
+    rows: list[int]
+    sizes: list[tuple[int, int]]
+
+    def split(self, features) -> list:
+        """The vision graph's output rows, one slice per picture."""
+        ends = np.cumsum(self.rows).tolist()
+        return [features[end - n:end] for n, end in zip(self.rows, ends)]
+
+
+class ImageProcessor:
+    """Preprocessing from a ``preprocessor_config.json`` dict (CLIPImageProcessor fields).
+    ``aspect``: ``pad`` (square with the mean colour first), ``square`` (as the processor
+    resizes and crops) or ``anyres`` (``anyres`` gives the tiling: ``runtime.anyres.AnyRes``)."""
+
+    def __init__(self, config: dict, aspect: str = "pad", anyres=None):
         self.config = dict(config)
         c = self.config
+        if aspect not in ("pad", "square", "anyres") or (aspect == "anyres") != (anyres is not None):
+            raise GammamodError(f"image aspect {aspect!r}: expected pad, square, or anyres with its grid")
         self.aspect = aspect
+        self.anyres = anyres
         self.mean = np.asarray(c.get("image_mean", DEFAULT_MEAN), dtype=np.float32)
         self.std = np.asarray(c.get("image_std", DEFAULT_STD), dtype=np.float32)
         self.do_resize = bool(c.get("do_resize", True))
@@ -196,7 +220,21 @@ class ImageProcessor:
         return out.astype(np.float32)
 
     def batch(self, images) -> np.ndarray:
+        """[N, 3, H, W] for models that take one tower input per image (not anyres)."""
+        if self.anyres is not None:
+            raise GammamodError("anyres images take several tower inputs each: use ImageProcessor.process")
         return np.stack([self(im) for im in images])
+
+    def process(self, images) -> ImageBatch:
+        """Pictures -> the vision graph's input rows, with what it takes to put each picture's
+        features together again (anyres: the base tile, then the grid's tiles)."""
+        pictures = [to_rgb(im) for im in images]
+        if self.anyres is None:
+            parts = [self(p)[None] for p in pictures]
+        else:
+            parts = [self.anyres.tiles(p, self) for p in pictures]
+        pixels = np.concatenate(parts) if parts else np.zeros((0, 3, *self.output_size), np.float32)
+        return ImageBatch(pixels, [len(p) for p in parts], [p.size for p in pictures])
 
 
 def center_crop(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -22,6 +22,7 @@ from gammamod.errors import GammamodError
 from gammamod.manifest import read_manifest
 
 from .generator import Generator
+from .anyres import AnyRes
 from .image import ImageProcessor, as_picture
 from .prompt import IMAGE_TOKEN_INDEX, Template, tokenize_with_image
 from .sampling import check_sampling, choose
@@ -47,6 +48,17 @@ class GenerationStats:
     steps: int = 0
     kv_bytes_per_layer: list[int] = field(default_factory=list)  # valid KV entries after generation
     capacity_overflows: dict = field(default_factory=dict)  # threshold routing: MoD layer -> rows overflowed
+
+    def add(self, part: "GenerationStats") -> None:
+        """Fold in the stats of one batch of a call that ran several (rows with different spans)."""
+        self.prefill_s += part.prefill_s
+        self.decode_s += part.decode_s
+        self.steps += part.steps
+        self.new_tokens += part.new_tokens
+        self.kv_bytes_per_layer = [a + b for a, b in zip(self.kv_bytes_per_layer or [0] * len(part.kv_bytes_per_layer),
+                                                         part.kv_bytes_per_layer)]
+        for layer, n in part.capacity_overflows.items():
+            self.capacity_overflows[layer] = self.capacity_overflows.get(layer, 0) + n
 
     @property
     def kv_bytes(self) -> int:
@@ -166,7 +178,15 @@ class Pipeline:
             raise GammamodError(f"{manifest.path(emb['file'])}: shape {list(self.embeddings.shape)}, manifest says "
                                 f"{emb['shape']}")
         image = manifest.get("image")
-        self.image_processor = ImageProcessor(image["processor"], image["aspect"]) if image else None
+        self.anyres, self.newline = None, None
+        if image and image.get("anyres"):
+            grid = image["anyres"]
+            self.anyres = AnyRes(grid["grid_pinpoints"], grid["tile"], grid["patches_per_side"])
+            self.newline = np.load(manifest.path(grid["newline"]))
+            if self.newline.shape != (manifest["model"]["hidden_size"],):
+                raise GammamodError(f"{manifest.path(grid['newline'])}: shape {list(self.newline.shape)}, expected "
+                                    f"[{manifest['model']['hidden_size']}] (model.hidden_size)")
+        self.image_processor = ImageProcessor(image["processor"], image["aspect"], self.anyres) if image else None
         prompt = manifest.get("prompt") or {}
         self.template = Template.from_dict(prompt["template"]) if prompt.get("template") else None
         self.last_stats = GenerationStats()
@@ -227,7 +247,9 @@ class Pipeline:
     # -- inputs -----------------------------------------------------------------------------------
     def encode_images(self, images) -> list[np.ndarray]:
         """Images (paths, PIL images or HxWx3 uint8 arrays) -> one projected [tokens, hidden] array
-        per image, in the order the decoder sees them."""
+        per image, in the order the decoder sees them (anyres: the base tile's tokens, then the
+        unpadded feature map row by row, each row ending with the newline embedding; the count
+        depends on the image's size)."""
         if self.image_processor is None or "vision" in self.manifest["absent"]:
             raise GammamodError(f"{self.manifest.root}: this artifact has no vision graph (exported from a "
                                 "checkpoint without vision tower); pass embeddings to a Generator instead")
@@ -235,12 +257,18 @@ class Pipeline:
                     for i, im in enumerate(images)]
         if not pictures:
             return []
-        pixels = self.image_processor.batch(pictures)
-        model_dtype = self.manifest["model"]["dtype"]
-        if model_dtype == "float16":
+        batch = self.image_processor.process(pictures)
+        pixels = batch.pixels
+        if self.manifest["model"]["dtype"] == "float16":
             pixels = pixels.astype(np.float16)
-        features = self.runner("vision").run({"pixel_values": pixels})["image_features"]
-        return list(features)
+        step = self.manifest["image"].get("max_rows") or len(pixels)  # the graph's (TensorRT profile's) bound
+        runner = self.runner("vision")
+        features = np.concatenate([runner.run({"pixel_values": pixels[i:i + step]})["image_features"]
+                                   for i in range(0, len(pixels), step)])
+        per_image = batch.split(features)
+        if self.anyres is None:
+            return [f[0] for f in per_image]
+        return [self.anyres.assemble(f, size, self.newline) for f, size in zip(per_image, batch.sizes)]
 
     def prepare(self, images, prompts: list[str], features: list | None = None, system: str | None = None,
                 rendered: bool = False) -> Prepared:
@@ -251,6 +279,11 @@ class Pipeline:
         LLaVA does); ``features``: the same, already encoded ([tokens, hidden] arrays); ``system``
         replaces the template's system prompt; ``rendered``: the prompts are already whole conversations
         in the template (``Template.render``), with an ``<image>`` marker for each image."""
+        return self._batch(*self._rows(images, prompts, features, system, rendered))
+
+    def _rows(self, images, prompts: list[str], features, system, rendered: bool = False):
+        """Each prompt's embeddings [T, H] with its images' features spliced in, its routed span and
+        its token ids (what :meth:`prepare` batches)."""
         if self.tokenizer is None or self.template is None:
             raise GammamodError(f"{self.manifest.root}: the artifact has no tokenizer; use a Generator with your "
                                 "own embeddings")
@@ -299,6 +332,10 @@ class Pipeline:
                 spans.append((0, rows[-1].shape[0]))  # the released inference routes the whole prompt
             else:
                 spans.append(routable_span(self.manifest["routing"]["span"], blocks) if self.manifest.routed else None)
+        return rows, spans, ids
+
+    def _batch(self, rows, spans, ids) -> Prepared:
+        n, hidden, dtype = len(rows), self.manifest["model"]["hidden_size"], self.embeddings.dtype
         lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
         max_seq = self.manifest["kv_cache"]["max_seq"]
         if lengths.max() > max_seq:
@@ -312,7 +349,8 @@ class Pipeline:
             sizes = {s[1] if s is not None else 0 for s in spans}
             if len(sizes) > 1:
                 raise GammamodError(f"the prompts' routed spans have different lengths ({sorted(sizes)} tokens): a "
-                                    "batch shares one span length; generate them in separate calls")
+                                    "batch shares one span length; prepare them in separate calls (Pipeline.generate "
+                                    "does so itself)")
             routable = spans
         return Prepared(x, lengths, routable, ids)
 
@@ -323,7 +361,8 @@ class Pipeline:
         """Answer each prompt (about its images). ``images``: None, or per prompt an image (a path, a
         PIL image or an HxWx3 uint8 array), a list of them (one per ``<image>`` in the prompt), or
         None. ``system`` replaces the template's system prompt; the routed span follows the prompt.
-        ``stream(row, text)`` receives text as it is generated."""
+        ``stream(row, text)`` receives text as it is generated. Rows whose routed spans differ in
+        length (anyres images of different sizes) are generated as separate batches, in one call."""
         if isinstance(prompts, str):
             prompts = [prompts]
             images = None if images is None else ([images] if not isinstance(images, (list, tuple)) else images)
@@ -336,14 +375,27 @@ class Pipeline:
         check_sampling(temperature, top_p, top_k, repetition_penalty, stop, max_new_tokens)
         stats = GenerationStats()
         t0 = time.perf_counter()
-        prepared = self.prepare(images, list(prompts), system=system)
+        rows, spans, ids = self._rows(images, list(prompts), None, system)
         stats.vision_s = time.perf_counter() - t0
-        with self.pooled_generator(len(prompts)) as gen:
-            t1 = time.perf_counter()
-            logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
-            stats.prefill_s = time.perf_counter() - t1
-            results = self.decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
-                                        repetition_penalty, stop, stream, seed, stats)
+        # rows whose routed spans differ in length (anyres images of different sizes) run as separate
+        # batches: one decoder call shares one span length
+        groups: dict[int, list[int]] = {}
+        for i, span in enumerate(spans):
+            groups.setdefault(span[1] if span is not None else 0, []).append(i)
+        results: list[GenerationResult | None] = [None] * len(rows)
+        for members in groups.values():
+            prepared = self._batch([rows[i] for i in members], [spans[i] for i in members], [ids[i] for i in members])
+            part = GenerationStats()
+            on_text = None if stream is None else (lambda row, text, members=members: stream(members[row], text))
+            with self.pooled_generator(len(members)) as gen:
+                t1 = time.perf_counter()
+                logits = gen.prefill(prepared.inputs_embeds, routable=prepared.routable, lengths=prepared.lengths)
+                part.prefill_s = time.perf_counter() - t1
+                out = self.decode_loop(gen, logits, prepared, max_new_tokens, temperature, top_p, top_k,
+                                       repetition_penalty, stop, on_text, seed, part)
+            for i, result in zip(members, out):
+                results[i] = result
+            stats.add(part)
         self.last_stats = stats
         return results
 

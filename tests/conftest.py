@@ -46,6 +46,18 @@ def tiny_llava_hf(tiny_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hr(tiny_root) -> Path:
+    """gamma-MoD on LLaVA-HR (the released gamma-MoD checkpoints' CLIP + ConvNeXt tower)."""
+    return _make(tiny_root, "gamma-mod-hr")
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tiny_root) -> Path:
+    """p-MoD on LLaVA-NeXT (anyres tiles, image_newline)."""
+    return _make(tiny_root, "p-mod-next")
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tiny_gamma, tiny_pmod, tiny_llava):
     from gammamod.export import load_checkpoint
 
@@ -94,6 +106,16 @@ def art_pmod(tiny_root, tiny_pmod) -> Path:
 @pytest.fixture(scope="session")
 def art_llava(tiny_root, tiny_llava) -> Path:
     return _export(tiny_root, tiny_llava, "art-llava")
+
+
+@pytest.fixture(scope="session")
+def art_hr(tiny_root, tiny_hr) -> Path:
+    return _export(tiny_root, tiny_hr, "art-hr", tensorrt=["10.3"])
+
+
+@pytest.fixture(scope="session")
+def art_next(tiny_root, tiny_next) -> Path:
+    return _export(tiny_root, tiny_next, "art-next", tensorrt=["10.3"])
 
 
 @pytest.fixture(scope="session")

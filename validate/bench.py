@@ -191,14 +191,14 @@ class _Runner:
 
             torch.set_num_threads(threads)
             from gammamod.export import load_checkpoint
-            from gammamod.runtime.image import ImageProcessor, load_image
+            from gammamod.runtime.image import load_image
             from gammamod.runtime.tokenizer import Tokenizer
 
             self.torch = torch
             self.model = load_checkpoint(config.checkpoint)
             self.tokenizer = Tokenizer.from_dir(config.checkpoint)
-            proc = ImageProcessor(self.model.vision.image_processor, self.model.vision.image_aspect_ratio)
-            self.pixels = torch.from_numpy(proc.batch([load_image(image)]))
+            self.images = self.model.vision.processor().process([load_image(image)])
+            self.pixels = torch.from_numpy(self.images.pixels)
             self.info = {"backend": f"torch {torch.__version__} ({torch.get_num_threads()} threads, SDPA)"}
             if config.kind == "transformers":
                 self.hf = transformers_twin(self.model)
@@ -253,7 +253,7 @@ class _Runner:
             t0 = time.perf_counter()
             model.encode_images(self.pixels)
             t1 = time.perf_counter()
-            batch = prepare_prompts(model, self.tokenizer, [VICUNA_V1.prompt(self.prompt)], self.pixels)
+            batch = prepare_prompts(model, self.tokenizer, [VICUNA_V1.prompt(self.prompt)], self.images)
             x = batch.inputs_embeds
             if self.config.kind == "transformers":
                 t2 = time.perf_counter()

@@ -246,7 +246,7 @@ def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: i
             from gammamod.runtime.image import load_image
 
             picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image
-            pixels = any_pipe.image_processor.batch([picture])
+            pixels = any_pipe.image_processor.process([picture]).pixels  # anyres: the image's tiles
             runners = [TorchVisionRunner(model)] + [RuntimeVisionRunner(p, label) for label, p in pipelines.items()]
             _, stats = _compare(runners, [{"pixel_values": pixels}], "image_features", tol.features,
                                 save_dir / f"vision-{i}.json" if save_dir else None)

@@ -1,0 +1,69 @@
+"""The demo's step for the released checkpoints' vision: a tiny gamma-MoD on LLaVA-HR's CLIP +
+ConvNeXt tower and a tiny p-MoD on LLaVA-NeXT anyres, made, exported, linted for TensorRT and run
+through the torch-free runtime on crops of the test image of three aspect ratios, against PyTorch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+VISION_RECIPES = ("gamma-mod-hr", "p-mod-next")
+CROPS = {"wide": (0.0, 0.25, 1.0, 0.6), "tall": (0.3, 0.0, 0.55, 1.0), "square": (0.2, 0.2, 0.7, 0.7)}
+QUESTION = "What is in the picture?"
+
+
+def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, current) -> None:
+    """``checkpoint(workdir, recipe, fresh)`` makes (or reuses) a tiny checkpoint; ``current(art)``
+    says whether an artifact can be reused (the demo's own helpers)."""
+    from PIL import Image
+    from rich.table import Table
+
+    from gammamod.console import StageProgress, console
+    from gammamod.engines.lint import lint_artifact
+    from gammamod.export import load_checkpoint
+    from gammamod.export.exporter import ExportOptions, export_artifact
+    from gammamod.export.generate import generate_text
+    from gammamod.runtime.pipeline import Pipeline
+
+    picture = Image.open(image).convert("RGB")
+    crops = {}
+    for name, (x0, y0, x1, y1) in CROPS.items():
+        w, h = picture.size
+        crops[name] = workdir / f"crop-{name}.png"
+        picture.crop((int(x0 * w), int(y0 * h), int(x1 * w), int(y1 * h))).save(crops[name])
+    table = Table(title=f"7. The released checkpoints' vision: LLaVA-HR's CLIP + ConvNeXt tower (gamma-MoD) and "
+                        f"LLaVA-NeXT anyres (p-MoD), {QUESTION!r} about three crops, 12 greedy tokens")
+    for col in ("model", "export, TensorRT 10.3 lint", "image", "tower inputs", "image tokens", "kept (first MoD layer)",
+                "vision features vs PyTorch", "runtime vs PyTorch tokens", "text"):
+        table.add_column(col, overflow="fold")
+    for recipe in VISION_RECIPES:
+        ckpt = checkpoint(workdir, recipe, fresh)
+        art = workdir / f"artifact-{recipe}"
+        took = "(cached)"
+        if fresh or not current(art):
+            t0 = time.perf_counter()
+            with StageProgress(f"export {recipe}") as progress:
+                export_artifact(ckpt, art, ExportOptions(force=True, tensorrt=["10.3"]), progress=progress)
+            took = f"{time.perf_counter() - t0:.0f} s"
+        findings, _ = lint_artifact(art, "10.3")
+        errors = sum(f.severity == "error" for f in findings)
+        model = load_checkpoint(ckpt)
+        pipe = Pipeline.load(art)
+        for name, path in crops.items():
+            batch = model.vision.processor().process([Image.open(path)])
+            [ours] = pipe.encode_images([path])
+            [ref] = model.image_features(batch)
+            ref = ref.detach().numpy()
+            rel = float(abs(ours - ref).max() / abs(ref).max())
+            want = generate_text(ckpt, QUESTION, image=path, routing="static", max_new_tokens=12, model=model)
+            [got] = pipe.generate([path], [QUESTION], max_new_tokens=12)
+            same = got.tokens == [t for t in want.tokens if t != pipe.tokenizer.eos_id]
+            first = min(want.kept_counts) if want.kept_counts else None
+            size = Image.open(path).size
+            inputs = len(batch.pixels)
+            grid = model.vision.anyres.grid(size) if model.vision.anyres is not None else None
+            table.add_row(recipe, f"{took}, {errors} errors", f"{name} {size[0]}x{size[1]}",
+                          f"{inputs} ({grid[0]}x{grid[1]} tiles + base)" if grid else f"{inputs} (one image)",
+                          str(ours.shape[0]), f"{want.kept_counts[first]} of {want.seq_len}" if first is not None else "-",
+                          f"{rel:.1e} max rel.", "identical" if same else "DIFFER", repr(got.text[:20]))
+    console.print(table)
