@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,9 @@ def shape_inputs_from_sizes(model, names: list[str]) -> None:
         graph.inputs[graph.inputs.index(old)] = values[name][0]
 
 
+CHILD_TRACE_LIMIT_S = 1200  # a traced graph takes 1 to 3 minutes on 2 cores; far past that, the child is stuck
+
+
 class _Forked:
     """Run ``job`` (-> traced and prepared ir.Model, weight specs) in a forked process: tracing is
     single-threaded Python, so two graphs trace in about the time of one on two cores. Without
@@ -312,6 +316,11 @@ class _Forked:
 
         die_with_parent()
         try:
+            import torch
+
+            # a forked child must not enter the OpenMP pool the parent's threads left behind (a
+            # libgomp team is not fork-safe: seen hanging in futex waits); tracing needs no threads
+            torch.set_num_threads(1)
             model = self.job()
             specs = prepare_graph(model, prefix="model.")
             weights = {s.name for s in specs}
@@ -330,10 +339,17 @@ class _Forked:
         import onnx_ir as ir
 
         if self.proc is not None:
-            try:
-                data, specs = self.conn.recv()
-            except EOFError:
-                data, specs = None, "child exited"
+            data, specs = None, "child exited"
+            # a child that neither answers nor exits within the limit is stuck: trace here instead
+            deadline = time.monotonic() + CHILD_TRACE_LIMIT_S
+            while self.proc.is_alive() and not self.conn.poll(1.0) and time.monotonic() < deadline:
+                pass
+            if self.conn.poll(0):
+                try:
+                    data, specs = self.conn.recv()
+                except EOFError:
+                    pass
+            self.stop()
             self.proc.join()
             if data is not None:
                 return ir.serde.deserialize_model(onnx.load_from_string(data)), specs
