@@ -13,7 +13,6 @@ smoke generation with ``gammamod run`` that prints time to first token and token
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 from pathlib import Path
@@ -31,11 +30,10 @@ SMOKE_PROMPT = "Describe the picture in one sentence."
 
 
 def _place(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows (weights are large), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """A copy, never a hard link: the onnx package refuses external data with several links (a
+    hard-link attack, to its checker), which would break check-onnx and calib on the artifact, and a
+    bundle is meant to be moved to the device whole."""
+    shutil.copy2(src, dst)
 
 
 def trtexec_command(plan: dict, kind: str, plugin_var: str | None) -> list[str]:
