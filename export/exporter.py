@@ -8,6 +8,7 @@ never holds its weights in memory twice (or even once). The artifact appears who
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import shutil
@@ -306,7 +307,16 @@ class _Forked:
             ctx = mp.get_context("fork")
             self.conn, child_conn = ctx.Pipe(duplex=False)
             self.proc = ctx.Process(target=self._child, args=(child_conn,), daemon=True)
-            self.proc.start()
+            # Garbage from before the fork is freed here, and what lives on is kept out of the
+            # child's collector: a child that frees an ONNX Runtime session (the demo's, a test's)
+            # destroys a thread pool whose threads did not survive the fork, and hangs for ever in
+            # pthread_cond_destroy (seen, with gdb).
+            gc.collect()
+            gc.freeze()
+            try:
+                self.proc.start()
+            finally:
+                gc.unfreeze()
             child_conn.close()
 
     def _child(self, conn) -> None:
@@ -319,7 +329,7 @@ class _Forked:
             import torch
 
             # a forked child must not enter the OpenMP pool the parent's threads left behind (a
-            # libgomp team is not fork-safe: seen hanging in futex waits); tracing needs no threads
+            # libgomp team is not fork-safe); tracing needs no threads
             torch.set_num_threads(1)
             model = self.job()
             specs = prepare_graph(model, prefix="model.")
