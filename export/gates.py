@@ -15,6 +15,8 @@ the markers disappear. Eager PyTorch never runs the markers: the model skips the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DOMAIN = "gammamod.gate"  # the markers' domain: never in a written graph
@@ -40,30 +42,22 @@ def _(then_value, else_value, cond, group):
     return torch.empty_like(then_value)
 
 
-_registered = False
-
-
+@functools.cache
 def _register_schemas() -> None:
-    global _registered
-    if _registered:
-        return
     from onnx import defs
+
+    from .ops import register_schemas
 
     fp, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
     any_tensor = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)", "tensor(int32)",
                   "tensor(bool)"]
-    for schema in (
+    register_schemas((
             defs.OpSchema("GateEnter", DOMAIN, 1, inputs=[fp("x", "T"), fp("cond", "tensor(bool)")],
                           outputs=[fp("y", "T")], type_constraints=[("T", any_tensor, "")],
                           attributes=[attr("group", defs.OpSchema.AttrType.INT, "")]),
             defs.OpSchema("GateExit", DOMAIN, 1, inputs=[fp("a", "T"), fp("b", "T"), fp("cond", "tensor(bool)")],
                           outputs=[fp("y", "T")], type_constraints=[("T", any_tensor, "")],
-                          attributes=[attr("group", defs.OpSchema.AttrType.INT, "")])):
-        try:
-            defs.register_schema(schema)
-        except Exception:
-            pass
-    _registered = True
+                          attributes=[attr("group", defs.OpSchema.AttrType.INT, "")])))
 
 
 def translation_table() -> dict:

@@ -20,6 +20,8 @@ an expression of B, T, N and k. N = 0 means no routing: every token is kept.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DOMAIN = "gammamod"
@@ -109,14 +111,20 @@ def _(x, kept, y):
 # --------------------------------------------------------------------------------------------
 # ONNX: schemas (so the exporter can emit our nodes), translations, function bodies
 
-_registered = False
+def register_schemas(schemas) -> None:
+    """Declare node types to the onnx package; one an earlier import already declared stays."""
+    from onnx import defs
+
+    for schema in schemas:
+        try:
+            defs.register_schema(schema)
+        except Exception:  # already registered in this process
+            pass
 
 
+@functools.cache
 def register_onnx_schemas() -> None:
     """Declare our node types to the onnx package, once per process."""
-    global _registered
-    if _registered:
-        return
     from onnx import defs
 
     fp, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
@@ -146,12 +154,7 @@ def register_onnx_schemas() -> None:
                       inputs=[fp("x", "T"), fp("kept", "tensor(int64)"), fp("y", "T")], outputs=[fp("out", "T")],
                       type_constraints=[("T", floats, "")], attributes=plugin),
     ]
-    for schema in schemas:
-        try:
-            defs.register_schema(schema)
-        except Exception:  # already registered by an earlier import of this module
-            pass
-    _registered = True
+    register_schemas(schemas)
 
 
 def translation_table() -> dict:

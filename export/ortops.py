@@ -19,6 +19,8 @@ the contrib op's semantics) that the exporter translates to the ONNX node.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DOMAIN = "com.microsoft"
@@ -95,15 +97,12 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_length, query_se
             torch.empty_like(past_value))
 
 
-_registered = False
-
-
+@functools.cache
 def register_onnx_schemas() -> None:
     """Declare the contrib ops to the onnx package (ONNX Runtime has its own definitions)."""
-    global _registered
-    if _registered:
-        return
     from onnx import defs
+
+    from .ops import register_schemas
 
     fp, attr, t = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute, defs.OpSchema.AttrType
     optional = defs.OpSchema.FormalParameterOption.Optional
@@ -132,12 +131,7 @@ def register_onnx_schemas() -> None:
                       outputs=[fp("output", "T")], type_constraints=[("T", floats, "")],
                       attributes=[attr("num_heads", t.INT, ""), attr("interleaved", t.INT, "")]),
     ]
-    for schema in schemas:
-        try:
-            defs.register_schema(schema)
-        except Exception:
-            pass
-    _registered = True
+    register_schemas(schemas)
 
 
 def translation_table() -> dict:
