@@ -95,7 +95,7 @@ def ranks(maps, dtype: str, rtol: float | None):
 
 def analyse(checkpoint, data=None, random=None, tokens: str = "all", dtype: str = "float64",
             rtol: float | None = None, keep_dense: int | None = None, threshold: float | None = None,
-            vision_tower=None, seed: int = 0) -> dict:
+            vision_tower=None, seed: int = 0, vision_tower_slow=None) -> dict:
     """Per layer and head ranks over the calibration samples, and the proposal."""
     import torch
 
@@ -109,7 +109,7 @@ def analyse(checkpoint, data=None, random=None, tokens: str = "all", dtype: str 
         raise GammamodError(f"--rtol {rtol}: expected a number in (0, 1)")
     if keep_dense is not None and threshold is not None:
         raise GammamodError("give --keep-dense N or --rank-threshold R, not both")
-    model = load_model(checkpoint, vision_tower)
+    model = load_model(checkpoint, vision_tower, vision_tower_slow)
     if tokens == "image" and not model.has_vision:
         raise GammamodError(f"--tokens image: {checkpoint} takes no images")
     per_sample, sizes = [], []

@@ -132,13 +132,13 @@ def pmod_report(model, samples, weights=(1.0,)) -> dict:
 
 
 def calibrate(checkpoint, data=None, random=None, quantile: float = 0.99, decode_steps: int = 16,
-              weights=(1.0,), vision_tower=None, seed: int = 0) -> dict:
+              weights=(1.0,), vision_tower=None, seed: int = 0, vision_tower_slow=None) -> dict:
     """The whole ``calib capacity`` report for a checkpoint (see the module docstring)."""
     from .samples import load_model, prepared_samples
 
     if not 0 < quantile <= 1:
         raise GammamodError(f"--quantile {quantile}: expected a number in (0, 1]")
-    model = load_model(checkpoint, vision_tower)
+    model = load_model(checkpoint, vision_tower, vision_tower_slow)
     recipe = model.recipe
     if not recipe.is_mod:
         raise GammamodError(f"{checkpoint}: a {recipe.name} checkpoint has no MoD layers to calibrate")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gammamod.cli import positive_int
+from gammamod.cli import positive_int, tower_arguments
 
 
 def register(sub) -> None:
@@ -29,8 +29,7 @@ def _data_args(p) -> None:
                      help="images and a prompts.txt (one prompt per line), paired in turn")
     src.add_argument("--random", type=positive_int, default=None, metavar="N", help="N seeded synthetic samples")
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
-    p.add_argument("--vision-tower", type=Path, default=None, help="a local CLIP directory, when the checkpoint "
-                   "names a hub id")
+    tower_arguments(p)
 
 
 def _fraction(text: str) -> float:
@@ -59,7 +58,8 @@ def cmd_arank(args) -> int:
     from .arank import analyse, table, write
 
     report = analyse(args.checkpoint, args.data, args.random, args.tokens, args.dtype, args.rtol,
-                     args.keep_dense, args.rank_threshold, args.vision_tower, args.seed)
+                     args.keep_dense, args.rank_threshold, args.vision_tower, args.seed,
+                     vision_tower_slow=args.vision_tower_slow)
     write(report, args.out, args.force, inputs=[args.checkpoint, args.data])
     print(table(report))
     print(f"wrote {args.out}/arank.json, arank.png, arank.txt")
@@ -95,7 +95,7 @@ def cmd_capacity(args) -> int:
     from .capacity import calibrate, table, write
 
     report = calibrate(args.checkpoint, args.data, args.random, args.quantile, args.decode_steps, args.weights,
-                       args.vision_tower, args.seed)
+                       args.vision_tower, args.seed, vision_tower_slow=args.vision_tower_slow)
     out, png = write(report, args.out, args.force)
     print(table(report))
     print(f"wrote {out} and {png}" + (f"; export with: gammamod export {args.checkpoint} OUT --routing threshold "

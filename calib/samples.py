@@ -22,10 +22,10 @@ class Prepared:
     routable: tuple[int, int] | None  # the recipe's routed span (static routing)
 
 
-def load_model(checkpoint, vision_tower=None):
+def load_model(checkpoint, vision_tower=None, vision_tower_slow=None):
     from gammamod.export import load_checkpoint
 
-    return load_checkpoint(checkpoint, vision_tower=vision_tower)
+    return load_checkpoint(checkpoint, vision_tower=vision_tower, vision_tower_slow=vision_tower_slow)
 
 
 def prepared_samples(model, checkpoint, data=None, random=None, seed: int = 0):

@@ -230,16 +230,21 @@ def _resolve_tower_dir(info: CheckpointInfo, vision_tower: str | os.PathLike | N
     return None
 
 
-def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> VisionSpec | None:
+def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower,
+                vision_tower_slow=None) -> VisionSpec | None:
     """How images reach the decoder, and where the tower comes from. None: language model only.
     Tower weights from a tower directory are added to ``weights``."""
     cfg = info.config
     tower_prefix = "model.vision_tower.vision_tower."
     if not any(k.startswith("model.mm_projector.") for k in weights.refs):
-        if vision_tower is not None:
-            raise GammamodError(f"{info.path}: --vision-tower given, but the checkpoint has no multimodal "
-                                "projector (a language-model-only checkpoint)")
+        for flag, given in (("--vision-tower", vision_tower), ("--vision-tower-slow", vision_tower_slow)):
+            if given is not None:
+                raise GammamodError(f"{info.path}: {flag} given, but the checkpoint has no multimodal "
+                                    "projector (a language-model-only checkpoint)")
         return None
+    if vision_tower_slow is not None and not cfg.get("is_multipath_encoder"):
+        raise GammamodError(f"--vision-tower-slow {vision_tower_slow}: {info.path} has no LLaVA-HR multi-path tower "
+                            "(is_multipath_encoder), so no ConvNeXt branch to take weights for")
     tower_shapes = {k[len(tower_prefix):]: r.shape for k, r in weights.refs.items() if k.startswith(tower_prefix)}
     if info.format == "llava-hf":
         vcfg = cfg.get("vision_config") or {}
@@ -272,7 +277,7 @@ def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> V
     if spec.select_feature not in ("patch", "cls_patch"):
         raise GammamodError(f"{where}: mm_vision_select_feature {spec.select_feature!r}: expected patch or cls_patch")
     if cfg.get("is_multipath_encoder"):
-        return _multipath_spec(info, weights, vision_tower, spec)
+        return _multipath_spec(info, weights, vision_tower, vision_tower_slow, spec)
     if aspect != "anyres" and (aspect not in ("pad", "square") or merge != "flat"):
         spec.tower_source = (f"image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not supported "
                              "(expected pad or square with flat, or anyres with spatial_unpad)")
@@ -307,12 +312,18 @@ def vision_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower) -> V
     return spec
 
 
-def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, spec: VisionSpec) -> VisionSpec:
-    """LLaVA-HR's CLIP + ConvNeXt tower (``is_multipath_encoder``), weights all in the checkpoint:
-    the CLIP branch's config from the tower directory, or inferred from its weights; the ConvNeXt
-    branch's from its weights (``vision_tower_slow`` names a timm variant, but the authors' code
-    reads only whether it says 'xxlarge'); the processor the authors hard-code for the ConvNeXt
-    branch at ``input_image_size``."""
+def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, vision_tower_slow,
+                    spec: VisionSpec) -> VisionSpec:
+    """LLaVA-HR's CLIP + ConvNeXt tower (``is_multipath_encoder``): the CLIP branch's config from the
+    tower directory, or inferred from its weights; the ConvNeXt branch's from its weights
+    (``vision_tower_slow`` names a timm variant, but the authors' code reads only whether it says
+    'xxlarge'); the processor the authors hard-code for the ConvNeXt branch at ``input_image_size``.
+
+    The weights are the checkpoint's. As in the authors' code, where each branch is first built
+    with its pretrained weights (CLIP from ``mm_vision_tower``, ConvNeXt from timm) and the
+    checkpoint then overwrites whatever it holds, a branch's weights the checkpoint lacks come from
+    a local directory: the CLIP directory (``vision_tower``) and the ConvNeXt weights directory
+    (``vision_tower_slow``, timm's or open_clip's layout)."""
     from . import llava_hr as hr
 
     cfg, where = info.config, info.path / "config.json"
@@ -323,21 +334,33 @@ def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, 
     if spec.image_aspect_ratio not in ("pad", "square"):
         raise GammamodError(f"{where}: image_aspect_ratio {spec.image_aspect_ratio!r} with the multi-path tower: "
                             "expected pad (the releases) or square")
-    shapes = {k: tuple(r.shape) for k, r in weights.refs.items() if k.startswith(hr.PREFIX)}
-    convnext = hr.convnext_from_shapes(shapes, str(info.path), str(cfg.get("vision_tower_slow") or ""))
+    slow_name = str(cfg.get("vision_tower_slow") or "")
+    slow_dir = _resolve_slow_dir(info, vision_tower_slow)
+    sources = [f"{info.path} (checkpoint)"]
+    if slow_dir is not None:
+        taken = _index_convnext_weights(slow_dir, weights, slow_name)
+        sources.append(f"{slow_dir} ({taken} ConvNeXt tensors the checkpoint lacks)" if taken else
+                       f"not {slow_dir} (the checkpoint holds every ConvNeXt tensor)")
     tower_dir = _resolve_tower_dir(info, vision_tower)
+    if tower_dir is not None and _has_weights(tower_dir):
+        taken = _index_tower_weights(tower_dir, weights, hr.FAST, overlay=True)
+        if taken:
+            sources.append(f"{tower_dir} ({taken} CLIP tensors the checkpoint lacks)")
+    shapes = {k: tuple(r.shape) for k, r in weights.refs.items() if k.startswith(hr.PREFIX)}
+    convnext = hr.convnext_from_shapes(shapes, str(info.path), slow_name, hint=_missing_hint(hr.SLOW, slow_dir))
     if tower_dir is not None:
         clip = _tower_config_from_dir(tower_dir)
-        spec.tower_source = f"{tower_dir} (CLIP config), {info.path} (weights of both branches)"
+        spec.tower_source = f"{tower_dir} (CLIP config); weights: " + ", ".join(sources)
     else:
         fast = {k[len(hr.FAST):]: s for k, s in shapes.items() if k.startswith(hr.FAST)}
         for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding.weight",
                     "vision_model.encoder.layers.0.mlp.fc1.weight"):
             if key not in fast:
-                raise GammamodError(f"{info.path}: missing key {hr.FAST}{key} (the LLaVA-HR CLIP branch is incomplete)")
+                raise GammamodError(f"{info.path}: missing key {hr.FAST}{key} (the LLaVA-HR CLIP branch is incomplete"
+                                    f"{_missing_hint(hr.FAST, None)})")
         clip = _infer_tower_config(fast)
-        spec.tower_source = (f"{info.path} (weights of both branches; CLIP config inferred from its weights, heads of 64 "
-                             "channels as in OpenAI's CLIP)")
+        spec.tower_source = ("CLIP config inferred from its weights (heads of 64 channels as in OpenAI's CLIP); "
+                             "weights: " + ", ".join(sources))
     # the authors build the adapters only when the tower was trained (freeze_vision false, as released)
     spec.multipath = hr.MultiPathSpec(size, not cfg.get("freeze_vision", True), convnext)
     hr.check_geometry(spec.multipath, clip, str(where))
@@ -346,25 +369,132 @@ def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, 
     return spec
 
 
-def _index_tower_weights(tower_dir: Path, weights: "WeightIndex", prefix: str) -> None:
+def _missing_hint(prefix: str, given: Path | None) -> str:
+    """Where a missing LLaVA-HR branch weight could have come from, for the error naming it."""
+    from . import llava_hr as hr
+
+    if prefix == hr.SLOW:
+        return (f"; not in {given} either" if given is not None else
+                "; give timm's ConvNeXt weights with --vision-tower-slow DIR if the checkpoint does not hold them")
+    if prefix == hr.FAST:
+        return (f"; not in {given} either" if given is not None else
+                "; give the CLIP directory with its weights with --vision-tower DIR if the checkpoint does not "
+                "hold them")
+    return ""
+
+
+# weight files of a ConvNeXt directory, first found wins: timm's (hub ``timm/convnext_large_mlp.*``,
+# among them the default tag the authors' code downloads) or open_clip's (hub
+# ``laion/CLIP-convnext_large_d_320.*``, what the config's ``vision_tower_slow`` tag points at)
+CONVNEXT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                  "open_clip_pytorch_model.bin")
+
+
+def _resolve_slow_dir(info: CheckpointInfo, vision_tower_slow) -> Path | None:
+    """The ConvNeXt weights: the given directory (or weight file), else the config's
+    ``vision_tower_slow`` when it names a local directory (as ``mm_vision_tower`` may), else None."""
+    if vision_tower_slow is not None:
+        d = Path(vision_tower_slow)
+        if not d.exists():
+            raise GammamodError(f"--vision-tower-slow {d}: no such directory (expected timm's or open_clip's "
+                                "ConvNeXt weights)")
+        return d
+    name = info.config.get("vision_tower_slow")
+    if isinstance(name, str) and name:
+        for cand in (Path(name), info.path / name):
+            if cand.is_dir() and any((cand / f).is_file() for f in CONVNEXT_FILES):
+                return cand
+    return None
+
+
+def _convnext_file(d: Path) -> Path:
+    if d.is_file():
+        if d.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise GammamodError(f"--vision-tower-slow {d}: expected a directory, or a .safetensors or .bin weight file")
+        return d
+    for name in CONVNEXT_FILES:
+        if (d / name).is_file():
+            return d / name
+    raise GammamodError(f"--vision-tower-slow {d}: no ConvNeXt weights (expected one of {', '.join(CONVNEXT_FILES)})")
+
+
+def _index_convnext_weights(d: Path, weights: "WeightIndex", slow_name: str) -> int:
+    """Index a timm or open_clip ConvNeXt's stem and stages under the checkpoint's ConvNeXt keys,
+    for each tensor the checkpoint does not hold (its own win). Returns how many were taken."""
+    from . import llava_hr as hr
+
+    arch = None
+    if d.is_dir() and (d / "config.json").is_file():
+        arch = read_json(d / "config.json", "timm config.json").get("architecture")
+        if arch is not None and (not isinstance(arch, str) or not arch.startswith("convnext")):
+            raise GammamodError(f"{d / 'config.json'}: architecture {arch!r} is not a ConvNeXt (expected "
+                                "convnext_large_mlp, the LLaVA-HR releases' ConvNeXt)")
+        if isinstance(arch, str) and ("xxlarge" in arch) != ("xxlarge" in slow_name):
+            raise GammamodError(f"{d / 'config.json'}: architecture {arch!r} while the checkpoint's vision_tower_slow "
+                                f"is {slow_name!r}; the authors build the ConvNeXt from vision_tower_slow")
+    f = _convnext_file(d)
+    listed = weights.list_file(f)
+    keys = [k for k, _, _ in listed]
+    if any(k.startswith("visual.trunk.") for k in keys):
+        prefix = "visual.trunk."  # open_clip's CLIP model: the image tower's timm trunk
+    elif any(k.startswith(("stem.", "stages.")) for k in keys):
+        prefix = ""  # timm's own layout
+    elif any(k.startswith("downsample_layers.") for k in keys):
+        raise GammamodError(f"{f}: Facebook's original ConvNeXt layout (downsample_layers.*) is not read; expected "
+                            "timm's (stem.*, stages.*) or open_clip's (visual.trunk.*)")
+    else:
+        raise GammamodError(f"{f}: no ConvNeXt weights found (expected timm's stem.* and stages.* keys, or "
+                            "open_clip's visual.trunk.*)")
+    taken = 0
+    for key, shape, dtype in listed:
+        if not key.startswith(prefix):
+            continue  # open_clip: the text tower and the image head
+        name = key[len(prefix):]
+        if not name.startswith(("stem.", "stages.")):
+            continue  # the classifier head (head.*, norm_pre), which the tower never reads
+        # timm calls a block's layer scale ``gamma``; the authors' copy of timm calls it ``weight``
+        name = re.sub(r"(blocks\.\d+)\.gamma$", r"\1.weight", name)
+        if hr.SLOW + name not in weights.refs:
+            weights.refs[hr.SLOW + name] = TensorRef(f, key, shape, dtype)
+            taken += 1
+    return taken
+
+
+def _has_weights(d: Path) -> bool:
+    try:
+        weight_files(d)
+        return True
+    except GammamodError:
+        return False
+
+
+def _index_tower_weights(tower_dir: Path, weights: "WeightIndex", prefix: str, overlay: bool = False) -> int:
+    """A CLIP directory's ``vision_model.*`` weights under ``prefix``; with ``overlay`` only those
+    the checkpoint lacks (its own win). Returns how many were taken."""
     try:
         files = weight_files(tower_dir)
     except GammamodError:
         raise GammamodError(f"{tower_dir}: the checkpoint holds no vision tower weights and this tower directory "
                             "has none either (expected model.safetensors or pytorch_model.bin)") from None
-    found = 0
+    found = taken = 0
     for f in files:
         for key, shape, dtype in weights.list_file(f):
+            if any(p.match(key) for p in _IGNORED):
+                continue  # the position_ids buffer older transformers saved
             if key.startswith("vision_model."):
                 name = key
             elif key.split(".")[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm"):
                 name = "vision_model." + key  # saved by transformers 5, which dropped the prefix
             else:
                 continue  # e.g. a full CLIPModel's text tower
-            weights.add(prefix + name, TensorRef(f, key, shape, dtype))
             found += 1
+            if overlay and prefix + name in weights.refs:
+                continue
+            weights.add(prefix + name, TensorRef(f, key, shape, dtype))
+            taken += 1
     if not found:
         raise GammamodError(f"{tower_dir}: no 'vision_model.*' weights found")
+    return taken
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +512,10 @@ class TensorRef:
 def _bin_state(path: Path) -> dict:
     """A .bin state dict, memory-mapped (weights_only=True: no code runs on load)."""
     state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict):
+    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights one level down
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GammamodError(f"{path}: expected a state dict of tensors")
     return state
 
@@ -574,7 +707,8 @@ class Checkpoint:
         return model.eval()
 
 
-def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
+                    vision_tower_slow: str | os.PathLike | None = None) -> Checkpoint:
     """Read config.json, index the weights from the file headers, and check names and shapes
     against the architecture the config describes, before any weight is read."""
     info = inspect_checkpoint(path)
@@ -583,7 +717,7 @@ def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
     weights = index_weights(info, cfg)
     if recipe.router == "shared-binary":
         _fold_shared_router(info, weights, recipe)
-    vision = vision_spec(info, weights, vision_tower)
+    vision = vision_spec(info, weights, vision_tower, vision_tower_slow)
     if vision is not None and not vision.has_tower:
         weights.refs = {k: v for k, v in weights.refs.items()
                         if not k.startswith("model.vision_tower.") and k != "model.image_newline"}
@@ -604,8 +738,17 @@ def open_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | N
                             f"for a {info.format} checkpoint")
     missing = sorted(set(expected) - set(weights.refs))
     if missing:
+        hint = ""
+        if vision is not None and vision.multipath is not None:
+            from . import llava_hr as hr
+
+            if missing[0].startswith(hr.SLOW):
+                hint = _missing_hint(hr.SLOW, _resolve_slow_dir(info, vision_tower_slow))
+            elif missing[0].startswith(hr.FAST):
+                tower_dir = _resolve_tower_dir(info, vision_tower)
+                hint = _missing_hint(hr.FAST, tower_dir if tower_dir is not None and _has_weights(tower_dir) else None)
         raise GammamodError(f"{info.path}: missing key {checkpoint_key(info.format, missing[0], recipe.mod_layers)} "
-                            f"({len(missing)} missing in all)")
+                            f"({len(missing)} missing in all{hint})")
     for name, shape in expected.items():
         ref = weights.refs[name]
         if tuple(ref.shape) != shape:
@@ -629,15 +772,18 @@ def _dtype_name(dtype: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
-                    dtype: torch.dtype = torch.float32) -> MoDLlava:
+                    dtype: torch.dtype = torch.float32, *,
+                    vision_tower_slow: str | os.PathLike | None = None) -> MoDLlava:
     """Load a gamma-MoD, p-MoD or LLaVA checkpoint directory into a :class:`MoDLlava`.
 
     ``vision_tower`` is a local CLIP directory, used when the checkpoint's tower is not a local
     path (original LLaVA checkpoints name a hub id). The tower weights come from the checkpoint
-    when it holds them. A checkpoint without projector or tower loads as a language model; image
-    input is then refused with the reason in ``model.vision.tower_source``.
+    when it holds them, else from that directory. ``vision_tower_slow`` (LLaVA-HR only) is a local
+    directory, or weight file, of timm's or open_clip's ConvNeXt, for the ConvNeXt weights the
+    checkpoint does not hold. A checkpoint without projector or tower loads as a language model;
+    image input is then refused with the reason in ``model.vision.tower_source``.
     """
-    return open_checkpoint(path, vision_tower).load(dtype)
+    return open_checkpoint(path, vision_tower, vision_tower_slow).load(dtype)
 
 
 def _materialize_buffers(model: MoDLlava) -> None:

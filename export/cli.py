@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gammamod.cli import DTYPES, positive_int, ratio, torch_dtype
+from gammamod.cli import DTYPES, positive_int, ratio, torch_dtype, tower_arguments
 from gammamod.engines.targets import TARGETS
 
 
@@ -30,7 +30,8 @@ def cmd_generate(args) -> int:
     with token_progress(args.max_new_tokens, "generating") as on_token:
         result = generate_text(
             args.checkpoint, prompt=args.prompt, image=args.image, routing=args.routing,
-            max_new_tokens=args.max_new_tokens, vision_tower=args.vision_tower, dtype=torch_dtype(args.dtype),
+            max_new_tokens=args.max_new_tokens, vision_tower=args.vision_tower,
+            vision_tower_slow=args.vision_tower_slow, dtype=torch_dtype(args.dtype),
             skip_ratio=args.skip_ratio, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, on_token=on_token)
     console.print(result.text, markup=False, highlight=False, soft_wrap=True)
@@ -57,7 +58,8 @@ def cmd_export(args) -> int:
     opts = ExportOptions(
         routing="dense" if args.dense else args.routing, dtype=args.dtype, skip_ratio=args.skip_ratio,
         capacity=capacity, capacity_span=capacity_span, span_lengths=args.span_lengths, max_batch=args.max_batch,
-        max_seq=args.max_seq, vision_tower=args.vision_tower, force=args.force, tensorrt=args.for_tensorrt or [])
+        max_seq=args.max_seq, vision_tower=args.vision_tower, vision_tower_slow=args.vision_tower_slow,
+        force=args.force, tensorrt=args.for_tensorrt or [])
     with StageProgress("export") as progress:
         manifest = export_artifact(args.checkpoint, args.out, opts, progress=progress)
     routing = manifest["routing"]
@@ -115,8 +117,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--vision-tower", type=Path, default=None,
-                   help="local CLIP vision tower directory, when the checkpoint names a hub id")
+    tower_arguments(p)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("export", help="export a checkpoint to static-capacity ONNX with a manifest",
@@ -126,8 +127,7 @@ def register(sub) -> None:
                                    "embeddings, tokenizer and manifest.json.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path, help="artifact directory to create")
-    p.add_argument("--vision-tower", type=Path, default=None,
-                   help="local CLIP vision tower directory, when the checkpoint names a hub id")
+    tower_arguments(p)
     p.add_argument("--dense", action="store_true", help="ignore the routers: the dense baseline of this checkpoint")
     p.add_argument("--routing", default="static", choices=("static", "threshold"),
                    help="static: a kept count per MoD layer from the recipe (default); threshold (gamma-MoD): the "

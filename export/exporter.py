@@ -54,6 +54,7 @@ class ExportOptions:
     max_batch: int = 8
     max_seq: int | None = None
     vision_tower: str | None = None
+    vision_tower_slow: str | None = None  # LLaVA-HR: timm/open_clip ConvNeXt weights
     force: bool = False
     tensorrt: list[str] = field(default_factory=list)
     ort_fused: bool = True  # also write decoder.ort.onnx and decode.ort.onnx (ONNX Runtime's fused attention)
@@ -458,9 +459,10 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
         raise GammamodError(f"routing {opts.routing!r}: expected static, threshold or dense")
     if opts.dtype not in DTYPES:
         raise GammamodError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
-    check_replaceable(out, opts.force, [checkpoint, opts.vision_tower], is_artifact, "artifact directory")
+    check_replaceable(out, opts.force, [checkpoint, opts.vision_tower, opts.vision_tower_slow], is_artifact,
+                      "artifact directory")
     stages("reading checkpoint")()
-    ckpt = open_checkpoint(checkpoint, opts.vision_tower)
+    ckpt = open_checkpoint(checkpoint, opts.vision_tower, opts.vision_tower_slow)
     dtype = DTYPES[opts.dtype]
     cfg = ckpt.config
     max_seq = opts.max_seq or min(cfg.max_position_embeddings, 4096)
@@ -497,8 +499,8 @@ def export_artifact(checkpoint, out, opts: ExportOptions | None = None, progress
     elif opts.capacity or opts.skip_ratio is not None or opts.span_lengths:
         raise GammamodError("--capacity, --skip-ratio and --span-lengths apply to static routing of a MoD checkpoint")
 
-    with OutputDir(out, force=opts.force, inputs=[checkpoint, opts.vision_tower], is_ours=is_artifact,
-                   what="artifact directory") as partial:
+    with OutputDir(out, force=opts.force, inputs=[checkpoint, opts.vision_tower, opts.vision_tower_slow],
+                   is_ours=is_artifact, what="artifact directory") as partial:
         model = ckpt.skeleton(dtype, "meta")
         fused = fuse_projections(model)
         graphs, specs = trace_graphs(model, ckpt, opts, max_seq, stages)

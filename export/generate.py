@@ -307,7 +307,7 @@ class TextResult:
 
 
 def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", max_new_tokens: int = 64,
-                  vision_tower=None, dtype=torch.float32, skip_ratio: float | None = None,
+                  vision_tower=None, dtype=torch.float32, skip_ratio: float | None = None, vision_tower_slow=None,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   model: MoDLlava | None = None, on_token=None) -> TextResult:
     """``gammamod generate``: one question about one image (or none) through the PyTorch model."""
@@ -318,7 +318,7 @@ def generate_text(checkpoint, prompt: str, image=None, routing: str = "static", 
 
     check_sampling(temperature, top_p, top_k, max_new_tokens=max_new_tokens)
     if model is None:
-        model = load_checkpoint(checkpoint, vision_tower=vision_tower, dtype=dtype)
+        model = load_checkpoint(checkpoint, vision_tower=vision_tower, dtype=dtype, vision_tower_slow=vision_tower_slow)
     tokenizer = Tokenizer.from_dir(checkpoint)
     batch = prompt_batch(model, checkpoint, [prompt], image, tokenizer=tokenizer)
     routable = [(0, int(batch.lengths[0]))] if routing == "threshold" else batch.routable  # the whole prompt

@@ -82,12 +82,13 @@ class MultiPathSpec:
         return max(int(self.input_size / 32 * 14), CLIP_FLOOR)
 
 
-def convnext_from_shapes(shapes: dict[str, tuple], where: str, name: str = "") -> ConvNeXtSpec:
-    """The ConvNeXt branch's geometry from its weights (keys under ``SLOW``)."""
+def convnext_from_shapes(shapes: dict[str, tuple], where: str, name: str = "", hint: str = "") -> ConvNeXtSpec:
+    """The ConvNeXt branch's geometry from its weights (keys under ``SLOW``); ``hint`` ends the
+    error naming a missing one (where else it could come from)."""
 
     def need(key):
         if SLOW + key not in shapes:
-            raise GammamodError(f"{where}: missing key {SLOW}{key} (the LLaVA-HR ConvNeXt branch is incomplete)")
+            raise GammamodError(f"{where}: missing key {SLOW}{key} (the LLaVA-HR ConvNeXt branch is incomplete{hint})")
         return shapes[SLOW + key]
 
     stem = need("stem.0.weight")

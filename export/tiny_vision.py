@@ -21,7 +21,7 @@ import torch
 
 from gammamod.runtime.anyres import AnyRes
 
-from .checkpoint import default_image_processor
+from .checkpoint import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, default_image_processor
 from .llava_hr import FAST, SLOW, ConvNeXtSpec, MultiPathSpec, convnext_processor
 from .model import MoDLlava, VisionSpec
 
@@ -106,3 +106,70 @@ def unused_tensors(spec: VisionSpec, gen: torch.Generator) -> dict[str, torch.Te
             FAST + "vision_model.post_layernorm.weight": torch.ones(clip["hidden_size"]),
             FAST + "vision_model.post_layernorm.bias": torch.zeros(clip["hidden_size"]),
             FAST + "vision_model.embeddings.position_ids": torch.arange(positions)[None]}
+
+
+CONVNEXT_LAYOUTS = ("timm", "open_clip")
+
+
+def split_convnext(ckpt, out_ckpt, out_dir, layout: str = "timm", force: bool = False) -> tuple:
+    """A LLaVA-HR checkpoint without its ConvNeXt weights, and those weights as a local ConvNeXt
+    directory of ``layout``: what a user has whose checkpoint does not hold the ConvNeXt branch,
+    and the timm (or open_clip) download beside it. timm: ``model.safetensors`` (``stem.*``,
+    ``stages.*``, block layer scales named ``gamma``, the classifier head) and its ``config.json``;
+    open_clip: ``open_clip_pytorch_model.bin`` with the trunk under ``visual.trunk.``, the image
+    head and a text tower, and ``open_clip_config.json``. Both outputs are written whole or not at
+    all. Returns (out_ckpt, out_dir)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from gammamod.errors import GammamodError
+    from gammamod.lifecycle import OutputDir
+
+    if layout not in CONVNEXT_LAYOUTS:
+        raise GammamodError(f"layout {layout!r}: expected one of {', '.join(CONVNEXT_LAYOUTS)}")
+    ckpt, out_ckpt, out_dir = Path(ckpt), Path(out_ckpt), Path(out_dir)
+    if not (ckpt / "model.safetensors").is_file():
+        raise GammamodError(f"{ckpt}: expected a make-tiny gamma-mod-hr checkpoint (one model.safetensors)")
+    state = load_file(str(ckpt / "model.safetensors"))
+    slow = {k[len(SLOW):]: v for k, v in state.items() if k.startswith(SLOW)}
+    if not slow:
+        raise GammamodError(f"{ckpt}: holds no ConvNeXt weights ({SLOW}*) to split off")
+    # timm names a block's layer scale gamma (the authors' copy renamed it weight)
+    trunk = {re.sub(r"(blocks\.\d+)\.weight$", r"\1.gamma", k): v.clone() for k, v in slow.items()}
+    width = trunk["stem.0.weight"].shape[0]
+    with OutputDir(out_ckpt, force=force, inputs=[ckpt], what="checkpoint directory") as part:
+        for f in ckpt.iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, part / f.name)
+            elif f.is_dir():
+                shutil.copytree(f, part / f.name)
+        save_file({k: v for k, v in state.items() if not k.startswith(SLOW)}, str(part / "model.safetensors"),
+                  metadata={"format": "pt"})
+    with OutputDir(out_dir, force=force, inputs=[ckpt], what="ConvNeXt weights directory") as part:
+        if layout == "timm":
+            save_file(trunk, str(part / "model.safetensors"), metadata={"format": "pt"})
+            (part / "config.json").write_text(json.dumps({
+                "architecture": "convnext_large_mlp", "num_classes": int(trunk["head.fc.weight"].shape[0]),
+                "num_features": int(trunk["head.norm.weight"].shape[0]),
+                "pretrained_cfg": {"tag": "gammamod_tiny", "input_size": [3, HR_INPUT, HR_INPUT],
+                                   "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}}, indent=2))
+        else:
+            gen = torch.Generator().manual_seed(0)
+            heads = {k: v for k, v in trunk.items() if k.startswith("head.")}
+            bundle = {"visual.trunk." + k: v for k, v in trunk.items() if not k.startswith("head.")}
+            # open_clip keeps the trunk's norm; its own MLP head replaces timm's classifier
+            bundle["visual.trunk.head.norm.weight"] = heads["head.norm.weight"]
+            bundle["visual.trunk.head.norm.bias"] = heads["head.norm.bias"]
+            bundle["visual.head.mlp.fc1.weight"] = torch.randn(width * 4, heads["head.norm.weight"].shape[0],
+                                                               generator=gen)
+            bundle["visual.head.mlp.fc2.weight"] = torch.randn(8, width * 4, generator=gen)
+            bundle["token_embedding.weight"] = torch.randn(50, 8, generator=gen)
+            bundle["logit_scale"] = torch.tensor(4.6052)
+            torch.save(bundle, part / "open_clip_pytorch_model.bin")
+            (part / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+                "embed_dim": 8, "vision_cfg": {"timm_model_name": "convnext_large", "timm_pool": "",
+                                               "timm_proj": "mlp", "image_size": HR_INPUT}}}, indent=2))
+    return out_ckpt, out_dir

@@ -36,8 +36,9 @@ def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, c
     for col in ("model", "export, TensorRT 10.3 lint", "image", "tower inputs", "image tokens", "kept (first MoD layer)",
                 "vision features vs PyTorch", "runtime vs PyTorch tokens", "text"):
         table.add_column(col, overflow="fold")
+    ckpts = {}
     for recipe in VISION_RECIPES:
-        ckpt = checkpoint(workdir, recipe, fresh)
+        ckpt = ckpts[recipe] = checkpoint(workdir, recipe, fresh)
         art = workdir / f"artifact-{recipe}"
         took = "(cached)"
         if fresh or not current(art):
@@ -66,4 +67,72 @@ def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, c
                           f"{inputs} ({grid[0]}x{grid[1]} tiles + base)" if grid else f"{inputs} (one image)",
                           str(ours.shape[0]), f"{want.kept_counts[first]} of {want.seq_len}" if first is not None else "-",
                           f"{rel:.1e} max rel.", "identical" if same else "DIFFER", repr(got.text[:20]))
+    console.print(table)
+    convnext_directory_table(workdir, ckpts["gamma-mod-hr"], crops)
+
+
+def convnext_directory_table(workdir: Path, ckpt: Path, crops: dict[str, Path]) -> None:
+    """7b: a LLaVA-HR checkpoint that lacks the ConvNeXt branch's weights, with them from a local
+    timm or open_clip directory (``--vision-tower-slow``): the same image features and tokens in
+    PyTorch, and (timm's layout) exported and run through the torch-free runtime."""
+    import re
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from rich.table import Table
+
+    from gammamod.console import StageProgress, console
+    from gammamod.errors import GammamodError
+    from gammamod.export import load_checkpoint
+    from gammamod.export.exporter import ExportOptions, export_artifact
+    from gammamod.export.generate import generate_text
+    from gammamod.export.tiny_vision import CONVNEXT_LAYOUTS, split_convnext
+    from gammamod.runtime.pipeline import Pipeline
+
+    table = Table(title="7b. LLaVA-HR without the ConvNeXt weights in the checkpoint: them from a local timm or "
+                        "open_clip directory (--vision-tower-slow), against the whole checkpoint, 12 greedy tokens")
+    for col in ("ConvNeXt weights from", "files", "without the directory", "PyTorch features vs whole",
+                "PyTorch tokens vs whole", "exported, runtime vs whole"):
+        table.add_column(col, overflow="fold")
+    whole = load_checkpoint(ckpt)
+    for layout in CONVNEXT_LAYOUTS:
+        part, convnext = split_convnext(ckpt, workdir / f"hr-without-convnext-{layout}",
+                                        workdir / f"convnext-{layout}", layout, force=True)
+        try:
+            load_checkpoint(part)
+            refused = "loaded (unexpected)"
+        except GammamodError as e:
+            missing = re.search(r"missing key (\S+)", str(e))
+            refused = (f"refused, naming the missing ...slow_vision_tower.vision_tower."
+                       f"{missing.group(1).split('vision_tower.')[-1]}" if missing else f"refused: {e}")
+        model = load_checkpoint(part, vision_tower_slow=convnext)
+        diff, same, refs = 0.0, True, {}
+        for name, path in crops.items():
+            batch = model.vision.processor().process([Image.open(path)])
+            with torch.no_grad():
+                [got], [ref] = model.image_features(batch), whole.image_features(batch)
+            refs[name] = ref.numpy()
+            diff = max(diff, float((got - ref).abs().max()))
+            kw = dict(image=path, routing="static", max_new_tokens=12)
+            same &= (generate_text(part, QUESTION, model=model, **kw).tokens ==
+                     generate_text(ckpt, QUESTION, model=whole, **kw).tokens)
+        ran = "-"
+        if layout == "timm":
+            art = workdir / "artifact-hr-convnext-dir"
+            t0 = time.perf_counter()
+            with StageProgress("export gamma-mod-hr --vision-tower-slow") as progress:
+                export_artifact(part, art, ExportOptions(force=True, vision_tower_slow=str(convnext)), progress=progress)
+            pipe = Pipeline.load(art)
+            rel, tokens = 0.0, True
+            for name, path in crops.items():
+                [ours] = pipe.encode_images([path])
+                rel = max(rel, float(np.abs(ours - refs[name]).max() / np.abs(refs[name]).max()))
+                want = generate_text(ckpt, QUESTION, image=path, routing="static", max_new_tokens=12, model=whole)
+                [got] = pipe.generate([path], [QUESTION], max_new_tokens=12)
+                tokens &= got.tokens == [t for t in want.tokens if t != pipe.tokenizer.eos_id]
+            ran = (f"export {time.perf_counter() - t0:.0f} s; features {rel:.1e} max rel., tokens "
+                   + ("identical" if tokens else "DIFFER"))
+        table.add_row(layout, ", ".join(sorted(f.name for f in convnext.iterdir())), refused,
+                      f"max abs diff {diff:.1e} over {len(crops)} crops", "identical" if same else "DIFFER", ran)
     console.print(table)

@@ -25,6 +25,17 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def tower_arguments(p) -> None:
+    """``--vision-tower`` and ``--vision-tower-slow``: local copies of what a checkpoint's config
+    names on the hub, for every command that opens a checkpoint."""
+    p.add_argument("--vision-tower", type=Path, default=None, metavar="DIR",
+                   help="local CLIP vision tower directory (config.json, preprocessor_config.json; its weights are "
+                        "used for those the checkpoint lacks), when the checkpoint names a hub id")
+    p.add_argument("--vision-tower-slow", type=Path, default=None, metavar="DIR",
+                   help="LLaVA-HR: local directory (or weight file) of timm's or open_clip's ConvNeXt, for the "
+                        "ConvNeXt weights the checkpoint lacks")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

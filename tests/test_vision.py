@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -207,6 +208,125 @@ def test_hr_loads_without_a_tower_directory_and_refuses_a_partial_tower(tiny_hr,
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(GammamodError, match="input_image_size"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("layout", ["timm", "open_clip"])
+def test_hr_convnext_weights_from_a_local_directory(tiny_hr, tmp_path, layout):
+    """A checkpoint without the ConvNeXt branch's weights plus timm's (or open_clip's) download of
+    them loads the same model; where both hold a tensor the checkpoint's wins, as in the authors'
+    code (timm's pretrained weights first, the checkpoint loaded over them)."""
+    from safetensors.torch import load_file, save_file
+
+    from gammamod.export import load_checkpoint
+    from gammamod.export.checkpoint import open_checkpoint
+    from gammamod.export.tiny_vision import split_convnext
+
+    ckpt, convnext = split_convnext(tiny_hr, tmp_path / "ckpt", tmp_path / "convnext", layout)
+    assert not any(k.startswith(SLOW) for k in load_file(str(ckpt / "model.safetensors")))
+    whole = load_checkpoint(tiny_hr)
+    want = whole.state_dict()
+    got = load_checkpoint(ckpt, vision_tower_slow=convnext).state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert "61 ConvNeXt tensors" in open_checkpoint(ckpt, vision_tower_slow=convnext).vision.tower_source
+    with pytest.raises(GammamodError, match=f"missing key {SLOW}stem.0.weight .*--vision-tower-slow") as err:
+        load_checkpoint(ckpt)
+    assert "\n" not in str(err.value)
+    if layout != "timm":
+        return
+    # the config's vision_tower_slow naming a local directory (here: beside the weights) is found
+    name = json.loads((ckpt / "config.json").read_text())["vision_tower_slow"]
+    shutil.copytree(convnext, ckpt / name)
+    got = load_checkpoint(ckpt).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    shutil.rmtree(ckpt / name)
+    # precedence: the directory's values all shifted; the checkpoint keeps the last stage
+    timm = load_file(str(convnext / "model.safetensors"))
+    save_file({k: v + 1 for k, v in timm.items()}, str(convnext / "model.safetensors"), metadata={"format": "pt"})
+    state = load_file(str(tiny_hr / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith(SLOW) or k.startswith(SLOW + "stages.3.")},
+              str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    mixed = load_checkpoint(ckpt, vision_tower_slow=convnext).state_dict()
+    for k in want:
+        if k.startswith(SLOW + "stages.3."):
+            assert torch.equal(mixed[k], want[k]), k
+        elif k.startswith(SLOW):
+            assert torch.equal(mixed[k], want[k] + 1), k
+    assert "not " + str(convnext) in open_checkpoint(tiny_hr, vision_tower_slow=convnext).vision.tower_source
+    assert torch.equal(load_checkpoint(tiny_hr, vision_tower_slow=convnext).state_dict()[SLOW + "stem.0.weight"],
+                       want[SLOW + "stem.0.weight"])
+    # a tensor in neither: named, with both places
+    key = "stages.2.blocks.1.mlp.fc2.bias"
+    save_file({k: v for k, v in timm.items() if k != key}, str(convnext / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(GammamodError, match=f"missing key {SLOW}{key} .*not in {convnext} either"):
+        load_checkpoint(ckpt, vision_tower_slow=convnext)
+
+
+def test_hr_clip_weights_from_the_tower_directory(tiny_hr, copy_ckpt):
+    """The CLIP branch likewise: weights the checkpoint lacks come from --vision-tower's directory."""
+    from safetensors.torch import load_file, save_file
+
+    from gammamod.export import load_checkpoint
+
+    ckpt = copy_ckpt(tiny_hr)
+    state = load_file(str(ckpt / "model.safetensors"))
+    clip = {k[len(FAST):]: v for k, v in state.items() if k.startswith(FAST)}
+    save_file({k: v for k, v in state.items() if not k.startswith(FAST)}, str(ckpt / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(GammamodError, match=f"missing key {FAST}vision_model.*--vision-tower DIR"):
+        load_checkpoint(ckpt)
+    tower = ckpt / "clip-vision-tower"
+    save_file(clip, str(tower / "model.safetensors"), metadata={"format": "pt"})
+    want = load_checkpoint(tiny_hr).state_dict()
+    got = load_checkpoint(ckpt, vision_tower=tower).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_hr_convnext_directory_refusals(tiny_hr, tiny_next, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from gammamod import cli
+    from gammamod.export import load_checkpoint
+    from gammamod.export.tiny_vision import split_convnext
+
+    ckpt, convnext = split_convnext(tiny_hr, tmp_path / "ckpt", tmp_path / "convnext", "timm")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fb = tmp_path / "fb"
+    fb.mkdir()
+    save_file({"downsample_layers.0.0.weight": torch.zeros(16, 3, 4, 4)}, str(fb / "model.safetensors"))
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    save_file({"stem.0.weight": torch.zeros(1)}, str(vit / "model.safetensors"))
+    (vit / "config.json").write_text(json.dumps({"architecture": "vit_large_patch14_clip_336"}))
+    cases = [(ckpt, tmp_path / "nowhere", "no such directory"),
+             (ckpt, empty, "no ConvNeXt weights .*model.safetensors"),
+             (ckpt, fb, "Facebook's original ConvNeXt layout"),
+             (ckpt, vit, "'vit_large_patch14_clip_336' is not a ConvNeXt"),
+             (ckpt, ckpt / "config.json", "expected a directory, or a .safetensors or .bin weight file"),
+             (tiny_next, convnext, "no LLaVA-HR multi-path tower")]
+    for where, slow, message in cases:
+        with pytest.raises(GammamodError, match=message) as err:
+            load_checkpoint(where, vision_tower_slow=slow)
+        assert "\n" not in str(err.value)
+    # the command line: generate from the split checkpoint equals the whole one; export refuses
+    # the bad directory before writing anything
+    args = ["generate", "--prompt", "What is in the picture?", "--max-new-tokens", "4"]
+    picture(300, 200).save(tmp_path / "p.png")
+    args += ["--image", str(tmp_path / "p.png")]
+    assert cli.main(args[:1] + [str(tiny_hr)] + args[1:]) == 0
+    want = capsys.readouterr().out
+    assert cli.main(args[:1] + [str(ckpt), "--vision-tower-slow", str(convnext)] + args[1:]) == 0
+    assert capsys.readouterr().out == want
+    assert cli.main(["export", str(ckpt), str(tmp_path / "art"), "--vision-tower-slow", str(fb)]) == 2
+    assert "Facebook's original ConvNeXt layout" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+    # the ConvNeXt directory is an input: never replaced, even with --force
+    before = sorted(p.name for p in convnext.iterdir())
+    assert cli.main(["export", str(ckpt), str(convnext), "--vision-tower-slow", str(convnext), "--force"]) == 2
+    assert f"is the input {convnext}" in capsys.readouterr().err
+    assert sorted(p.name for p in convnext.iterdir()) == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gammamod.cli import positive_int
+from gammamod.cli import positive_int, tower_arguments
 
 
 def cmd_validate(args) -> int:
@@ -17,7 +17,8 @@ def cmd_validate(args) -> int:
     with StageProgress("validate") as progress:
         report = run_validate(args.artifact, args.reference, samples=args.samples, steps=args.steps, seed=args.seed,
                               images_dir=args.images, prompts_file=args.prompts, backends=backends,
-                              save_dir=args.save_dir, vision_tower=args.vision_tower, progress=progress)
+                              save_dir=args.save_dir, vision_tower=args.vision_tower,
+                              vision_tower_slow=args.vision_tower_slow, progress=progress)
     artifact = Path(args.artifact)
     path = write_report(report, args.report or artifact.with_name(artifact.name + ".validate.json"))
     console.print(summary_table(report))
@@ -64,7 +65,8 @@ def cmd_inspect(args) -> int:
     from gammamod.validate.inspect_routing import run_inspect
 
     routing, png, data = run_inspect(args.source, args.image, args.prompt, args.out, system=args.system,
-                                     routing=args.routing, vision_tower=args.vision_tower, force=args.force)
+                                     routing=args.routing, vision_tower=args.vision_tower,
+                                     vision_tower_slow=args.vision_tower_slow, force=args.force)
     for layer in sorted(routing.kept):
         c = routing.counts(layer)
         sys_share = f", system prompt {c['routed_text']}/{c['routed_text_total']}" if c["routed_text_total"] else ""
@@ -92,7 +94,7 @@ def register(sub) -> None:
     p.add_argument("--report", type=Path, default=None, help="JSON report path (default ARTIFACT.validate.json, "
                                                               "beside the artifact)")
     p.add_argument("--save-dir", type=Path, default=None, help="save Polygraphy's run results (inputs and outputs)")
-    p.add_argument("--vision-tower", type=Path, default=None)
+    tower_arguments(p)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("bench", help="time an artifact against its dense twin and PyTorch",
                        description="Time vision, prefill (time to first token), decode and end to end, with peak "
@@ -132,6 +134,6 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt in place of the template's")
     p.add_argument("--routing", default="static", choices=("static", "reference"),
                    help="a checkpoint's routing mode (default static, what the export deploys)")
-    p.add_argument("--vision-tower", type=Path, default=None)
+    tower_arguments(p)
     p.add_argument("--force", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_inspect)

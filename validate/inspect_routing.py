@@ -74,7 +74,7 @@ class Routing:
 
 
 def inspect_routing(source, image, prompt: str, system: str | None = None, routing: str = "static",
-                    vision_tower=None) -> Routing:
+                    vision_tower=None, vision_tower_slow=None) -> Routing:
     """The routing of ``prompt`` about ``image`` from an artifact (runtime) or a checkpoint (PyTorch)."""
     source = Path(source)
     if (source / "manifest.json").is_file():
@@ -83,7 +83,7 @@ def inspect_routing(source, image, prompt: str, system: str | None = None, routi
                                 "checkpoint to see the PyTorch model's reference routing")
         return _from_runtime(source, image, prompt, system)
     if (source / "config.json").is_file():
-        return _from_pytorch(source, image, prompt, system, routing, vision_tower)
+        return _from_pytorch(source, image, prompt, system, routing, vision_tower, vision_tower_slow)
     raise GammamodError(f"{source}: expected an artifact directory (manifest.json) or a checkpoint directory "
                         "(config.json)")
 
@@ -131,7 +131,8 @@ def _from_runtime(artifact: Path, image, prompt: str, system: str | None) -> Rou
                    _picture(pipe.image_processor, picture))
 
 
-def _from_pytorch(checkpoint: Path, image, prompt: str, system: str | None, routing: str, vision_tower) -> Routing:
+def _from_pytorch(checkpoint: Path, image, prompt: str, system: str | None, routing: str, vision_tower,
+                  vision_tower_slow=None) -> Routing:
     import torch
 
     from gammamod.export import forward_language, load_checkpoint
@@ -140,7 +141,7 @@ def _from_pytorch(checkpoint: Path, image, prompt: str, system: str | None, rout
     from gammamod.runtime.prompt import VICUNA_V1
     from gammamod.runtime.tokenizer import Tokenizer
 
-    model = load_checkpoint(checkpoint, vision_tower=vision_tower)
+    model = load_checkpoint(checkpoint, vision_tower=vision_tower, vision_tower_slow=vision_tower_slow)
     if not model.has_vision:
         raise GammamodError(f"{checkpoint}: the checkpoint cannot take images; inspect draws routing over an image")
     processor = ImageProcessor(model.vision.image_processor, model.vision.image_aspect_ratio)
@@ -264,7 +265,7 @@ def write_json(routing: Routing, path: Path) -> Path:
 
 
 def run_inspect(source, image, prompt: str, out, system: str | None = None, routing: str = "static",
-                vision_tower=None, force: bool = False) -> tuple[Routing, Path, Path]:
+                vision_tower=None, vision_tower_slow=None, force: bool = False) -> tuple[Routing, Path, Path]:
     """``gammamod inspect``: the PNG at ``out`` and ``routing.json`` beside it (same stem)."""
     out = Path(out)
     data = out.with_suffix(".json")
@@ -277,7 +278,8 @@ def run_inspect(source, image, prompt: str, out, system: str | None = None, rout
             raise GammamodError(f"{path}: is a directory or a symbolic link; give --out a file path of its own")
     if not out.parent.is_dir():
         raise GammamodError(f"--out {out}: the directory {out.parent} does not exist")
-    result = inspect_routing(source, image, prompt, system=system, routing=routing, vision_tower=vision_tower)
+    result = inspect_routing(source, image, prompt, system=system, routing=routing, vision_tower=vision_tower,
+                             vision_tower_slow=vision_tower_slow)
     draw(result, out, prompt=prompt)
     write_json(result, data)
     return result, out, data

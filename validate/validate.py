@@ -206,7 +206,7 @@ def _greedy_match(pipeline, batch, ref_tokens: np.ndarray, routable) -> int:
 
 def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: int = 0, images_dir=None,
                  prompts_file=None, backends: list[str] | None = None, save_dir=None, vision_tower=None,
-                 progress=None) -> dict:
+                 vision_tower_slow=None, progress=None) -> dict:
     from gammamod.export import load_checkpoint
     from gammamod.export.generate import generate_from_embeds
     from gammamod.manifest import read_manifest
@@ -222,7 +222,7 @@ def run_validate(artifact, reference, samples: int = 4, steps: int = 16, seed: i
     G_LOGGER.colors = False
     stage = progress.stage if progress is not None else (lambda name, total=None: (lambda n=1: None))
     manifest = read_manifest(artifact)
-    model = load_checkpoint(reference, vision_tower=vision_tower)
+    model = load_checkpoint(reference, vision_tower=vision_tower, vision_tower_slow=vision_tower_slow)
     _check_same_model(manifest, model, reference)
     dtype = manifest["model"]["dtype"]
     quantized = manifest.get("quantization")
