@@ -2,7 +2,8 @@
 
 Python entry points used by tests and later stages:
 
-* :func:`load_checkpoint` (path, vision_tower=None, dtype=torch.float32) -> model
+* :func:`load_checkpoint` (path, vision_tower=None, dtype=torch.float32, *, vision_tower_slow=None)
+  -> model
 * :func:`forward_language` (model, inputs_embeds, routable=(start, length), routing=...,
   skip_ratio=None) -> logits, kept indices of every MoD layer, per-layer KV lengths
 * :func:`generate_from_embeds` (model, inputs_embeds, routable=..., routing=...,
