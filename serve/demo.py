@@ -20,7 +20,7 @@ def serving_demo(workdir: Path, artifact: Path, image: Path, routing_of: Path | 
     question = "What is in the picture?"
     routing, png, _ = run_inspect(routing_of or artifact, image, question, workdir / "routing.png", force=True)
     image_kept = [routing.counts(layer)["image"] for layer in sorted(routing.kept)]
-    console.print(f"[bold]8. Routing[/bold] of {routing.recipe}, {routing.source}: image patches kept per MoD layer "
+    console.print(f"[bold]9. Routing[/bold] of {routing.recipe}, {routing.source}: image patches kept per MoD layer "
                   f"{image_kept[0]} ... {image_kept[-1]} of {routing.image_block[1]}; picture: {png}", soft_wrap=True)
     try:
         import openai
@@ -40,5 +40,5 @@ def serving_demo(workdir: Path, artifact: Path, image: Path, routing_of: Path | 
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
             model=config.model_name, messages=messages, max_tokens=16, temperature=0, stream=True) if chunk.choices)
     same = "equal to Pipeline.generate" if plain == streamed == want.text else "DIFFERENT from Pipeline.generate"
-    console.print(f"[bold]9. Serve[/bold]: {url}/v1/chat/completions with the openai client, plain and streamed: "
+    console.print(f"[bold]10. Serve[/bold]: {url}/v1/chat/completions with the openai client, plain and streamed: "
                   f"{plain!r} ({same})", soft_wrap=True)
