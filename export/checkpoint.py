@@ -153,8 +153,15 @@ def recipe_for(info: CheckpointInfo, num_layers: int) -> tuple[rc.Recipe, bool]:
         for key in ("mod_target_layers", "mod_weight_norm"):
             if not isinstance(cfg.get(key), str):
                 raise GammamodError(f"{where}: p-MoD config needs the string field {key!r}")
-        token_type = cfg.get("mod_target_token_type", "vision_all")
-        if token_type != "vision_all":
+        # p-MoD's code reads the field with vision_hr as its default, and only on anyres images:
+        # without anyres every image token is routable unless it says 'all' (text routable too)
+        token_type = cfg.get("mod_target_token_type")
+        anyres = cfg.get("image_aspect_ratio") == "anyres"  # their test: anything else takes the LLaVA-1.5 path
+        if anyres and token_type in (None, "vision_hr"):
+            raise GammamodError(f"{where}: mod_target_token_type {token_type or 'absent (p-MoD reads vision_hr)'}: "
+                                "with anyres that leaves the base tile unrouted, which is not supported (expected "
+                                "vision_all, every image token routable, as the released NeXT models set)")
+        if token_type not in (None, "vision_all", "vision_hr"):
             raise GammamodError(f"{where}: mod_target_token_type {token_type!r} is not supported "
                                 "(expected vision_all: every image token routable)")
         factor = float(cfg.get("mod_router_factor", 0.5))

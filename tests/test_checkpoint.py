@@ -300,3 +300,10 @@ def test_error_pmod_config_fields(tiny_pmod, copy_ckpt):
     expect_error(ckpt, "mod_target_layer_indices [1, 2] disagree")
     (ckpt / "config.json").write_text(json.dumps({**cfg, "mod_target_token_type": "all"}))
     expect_error(ckpt, "mod_target_token_type 'all' is not supported")
+    # without anyres, p-MoD's code routes every image token under vision_hr or no field at all
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "mod_target_token_type": "vision_hr"}))
+    assert load_checkpoint(ckpt).recipe.mod_layers
+    # with anyres, its default (vision_hr) keeps the base tile out of routing: refused, not guessed
+    anyres = {k: v for k, v in cfg.items() if k != "mod_target_token_type"}
+    (ckpt / "config.json").write_text(json.dumps({**anyres, "image_aspect_ratio": "anyres"}))
+    expect_error(ckpt, "mod_target_token_type absent (p-MoD reads vision_hr): with anyres that leaves the base tile")
