@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gammamod.cli import positive_int, tower_arguments
+from gammamod.cli import number_in, positive_int, tower_arguments
 
 
 def register(sub) -> None:
@@ -30,18 +30,6 @@ def _data_args(p) -> None:
     src.add_argument("--random", type=positive_int, default=None, metavar="N", help="N seeded synthetic samples")
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     tower_arguments(p)
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def _weights(text: str) -> list[float]:
@@ -112,8 +100,8 @@ def _register_capacity(sub) -> None:
     p.add_argument("checkpoint", type=Path)
     _data_args(p)
     p.add_argument("--out", type=Path, required=True, help="the JSON report (a PNG is written beside it)")
-    p.add_argument("--quantile", type=_fraction, default=0.99, help="capacity = this quantile of the kept "
-                   "fractions (default 0.99)")
+    p.add_argument("--quantile", type=number_in(0.0, 1.0, low_open=True, high_open=False), default=0.99,
+                   help="capacity = this quantile of the kept fractions (default 0.99)")
     p.add_argument("--decode-steps", type=positive_int, default=16, help="greedy decode steps per sample for the "
                    "decode-gate statistics (default 16)")
     p.add_argument("--weights", type=_weights, default=[1.0], help="p-MoD: router weights to compare the schedule "
@@ -139,18 +127,6 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _compute_capability(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a compute capability like 8.9, got {text!r}") from None
-    if not 1.0 <= value < 20.0:
-        raise argparse.ArgumentTypeError(f"expected a compute capability like 8.9, got {text!r}")
-    return value
-
-
 def _register_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="INT8 / INT4 / FP8 artifact with explicit Q/DQ (ONNX Runtime and TensorRT)",
                        description="Write a quantized copy of an fp32 artifact: the decoder layers' projections get "
@@ -168,7 +144,8 @@ def _register_quantize(sub) -> None:
     p.add_argument("--block-size", type=int, default=32, choices=(32, 128), help="int4 block along K (default 32)")
     p.add_argument("--backend", default="ort", choices=("ort", "modelopt"),
                    help="ort (default: ONNX Runtime calibration, scales computed here) or modelopt (optional extra)")
-    p.add_argument("--compute-capability", type=_compute_capability, default=None, metavar="X.Y",
+    p.add_argument("--compute-capability", type=number_in(1.0, 20.0, what="a compute capability like 8.9"),
+                   default=None, metavar="X.Y",
                    help="the target GPU's (fp8 needs 8.9+)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--force", action="store_true", help="replace OUT if it is a gammamod artifact")

@@ -46,14 +46,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-def ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+def number_in(low: float, high: float, low_open: bool = False, high_open: bool = True, what: str | None = None):
+    """An argparse type: a float within [low, high) (or the other bounds asked), refused in one
+    line naming the interval (or ``what``, the thing expected)."""
+    what = what or f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+ratio = number_in(0.0, 1.0)  # skip ratios: [0, 1)
 
 
 # --------------------------------------------------------------------------------------------
