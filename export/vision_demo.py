@@ -52,13 +52,8 @@ def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, c
         pipe = Pipeline.load(art)
         for name, path in crops.items():
             batch = model.vision.processor().process([Image.open(path)])
-            [ours] = pipe.encode_images([path])
-            [ref] = model.image_features(batch)
-            ref = ref.detach().numpy()
-            rel = float(abs(ours - ref).max() / abs(ref).max())
             want = generate_text(ckpt, QUESTION, image=path, routing="static", max_new_tokens=12, model=model)
-            [got] = pipe.generate([path], [QUESTION], max_new_tokens=12)
-            same = got.tokens == [t for t in want.tokens if t != pipe.tokenizer.eos_id]
+            ours, rel, got, same = runtime_vs_pytorch(pipe, path, model.image_features(batch)[0], want.tokens)
             first = min(want.kept_counts) if want.kept_counts else None
             size = Image.open(path).size
             inputs = len(batch.pixels)
@@ -71,13 +66,23 @@ def released_vision_table(workdir: Path, image: Path, fresh: bool, checkpoint, c
     convnext_directory_table(workdir, ckpts["gamma-mod-hr"], crops)
 
 
+def runtime_vs_pytorch(pipe, path: Path, ref, want_tokens: list[int]):
+    """The runtime's image features and greedy tokens for one image against PyTorch's (features
+    ``ref`` [tokens, hidden], tokens ``want_tokens``): (features, max relative difference, the
+    runtime's result, whether the tokens are identical)."""
+    [ours] = pipe.encode_images([path])
+    ref = ref.detach().numpy()
+    rel = float(abs(ours - ref).max() / abs(ref).max())
+    [got] = pipe.generate([path], [QUESTION], max_new_tokens=12)
+    return ours, rel, got, got.tokens == [t for t in want_tokens if t != pipe.tokenizer.eos_id]
+
+
 def convnext_directory_table(workdir: Path, ckpt: Path, crops: dict[str, Path]) -> None:
     """7b: a LLaVA-HR checkpoint that lacks the ConvNeXt branch's weights, with them from a local
     timm or open_clip directory (``--vision-tower-slow``): the same image features and tokens in
     PyTorch, and (timm's layout) exported and run through the torch-free runtime."""
     import re
 
-    import numpy as np
     import torch
     from PIL import Image
     from rich.table import Table
@@ -96,6 +101,12 @@ def convnext_directory_table(workdir: Path, ckpt: Path, crops: dict[str, Path]) 
                 "PyTorch tokens vs whole", "exported, runtime vs whole"):
         table.add_column(col, overflow="fold")
     whole = load_checkpoint(ckpt)
+    kw = dict(routing="static", max_new_tokens=12)
+    with torch.no_grad():  # the whole checkpoint's features and tokens per crop, once
+        batches = {name: whole.vision.processor().process([Image.open(path)]) for name, path in crops.items()}
+        refs = {name: (whole.image_features(batches[name])[0],
+                       generate_text(ckpt, QUESTION, image=path, model=whole, **kw).tokens)
+                for name, path in crops.items()}
     for layout in CONVNEXT_LAYOUTS:
         part, convnext = split_convnext(ckpt, workdir / f"hr-without-convnext-{layout}",
                                         workdir / f"convnext-{layout}", layout, force=True)
@@ -107,16 +118,12 @@ def convnext_directory_table(workdir: Path, ckpt: Path, crops: dict[str, Path]) 
             refused = (f"refused, naming the missing ...slow_vision_tower.vision_tower."
                        f"{missing.group(1).split('vision_tower.')[-1]}" if missing else f"refused: {e}")
         model = load_checkpoint(part, vision_tower_slow=convnext)
-        diff, same, refs = 0.0, True, {}
+        diff, same = 0.0, True
         for name, path in crops.items():
-            batch = model.vision.processor().process([Image.open(path)])
             with torch.no_grad():
-                [got], [ref] = model.image_features(batch), whole.image_features(batch)
-            refs[name] = ref.numpy()
-            diff = max(diff, float((got - ref).abs().max()))
-            kw = dict(image=path, routing="static", max_new_tokens=12)
-            same &= (generate_text(part, QUESTION, model=model, **kw).tokens ==
-                     generate_text(ckpt, QUESTION, model=whole, **kw).tokens)
+                got = model.image_features(batches[name])[0]
+            diff = max(diff, float((got - refs[name][0]).abs().max()))
+            same &= generate_text(part, QUESTION, image=path, model=model, **kw).tokens == refs[name][1]
         ran = "-"
         if layout == "timm":
             art = workdir / "artifact-hr-convnext-dir"
@@ -124,15 +131,9 @@ def convnext_directory_table(workdir: Path, ckpt: Path, crops: dict[str, Path]) 
             with StageProgress("export gamma-mod-hr --vision-tower-slow") as progress:
                 export_artifact(part, art, ExportOptions(force=True, vision_tower_slow=str(convnext)), progress=progress)
             pipe = Pipeline.load(art)
-            rel, tokens = 0.0, True
-            for name, path in crops.items():
-                [ours] = pipe.encode_images([path])
-                rel = max(rel, float(np.abs(ours - refs[name]).max() / np.abs(refs[name]).max()))
-                want = generate_text(ckpt, QUESTION, image=path, routing="static", max_new_tokens=12, model=whole)
-                [got] = pipe.generate([path], [QUESTION], max_new_tokens=12)
-                tokens &= got.tokens == [t for t in want.tokens if t != pipe.tokenizer.eos_id]
-            ran = (f"export {time.perf_counter() - t0:.0f} s; features {rel:.1e} max rel., tokens "
-                   + ("identical" if tokens else "DIFFER"))
+            results = [runtime_vs_pytorch(pipe, path, *refs[name]) for name, path in crops.items()]
+            ran = (f"export {time.perf_counter() - t0:.0f} s; features {max(r[1] for r in results):.1e} max rel., "
+                   "tokens " + ("identical" if all(r[3] for r in results) else "DIFFER"))
         table.add_row(layout, ", ".join(sorted(f.name for f in convnext.iterdir())), refused,
                       f"max abs diff {diff:.1e} over {len(crops)} crops", "identical" if same else "DIFFER", ran)
     console.print(table)
