@@ -349,7 +349,7 @@ def _multipath_spec(info: CheckpointInfo, weights: "WeightIndex", vision_tower, 
         sources.append(f"{slow_dir} ({taken} ConvNeXt tensors the checkpoint lacks)" if taken else
                        f"not {slow_dir} (the checkpoint holds every ConvNeXt tensor)")
     tower_dir = _resolve_tower_dir(info, vision_tower)
-    if tower_dir is not None and _has_weights(tower_dir):
+    if tower_dir is not None:
         taken = _index_tower_weights(tower_dir, weights, hr.FAST, overlay=True)
         if taken:
             sources.append(f"{tower_dir} ({taken} CLIP tensors the checkpoint lacks)")
@@ -461,9 +461,7 @@ def _index_convnext_weights(d: Path, weights: "WeightIndex", slow_name: str) -> 
             continue  # the classifier head (head.*, norm_pre), which the tower never reads
         # timm calls a block's layer scale ``gamma``; the authors' copy of timm calls it ``weight``
         name = re.sub(r"(blocks\.\d+)\.gamma$", r"\1.weight", name)
-        if hr.SLOW + name not in weights.refs:
-            weights.refs[hr.SLOW + name] = TensorRef(f, key, shape, dtype)
-            taken += 1
+        taken += weights.add_missing(hr.SLOW + name, TensorRef(f, key, shape, dtype))
     return taken
 
 
@@ -477,10 +475,13 @@ def _has_weights(d: Path) -> bool:
 
 def _index_tower_weights(tower_dir: Path, weights: "WeightIndex", prefix: str, overlay: bool = False) -> int:
     """A CLIP directory's ``vision_model.*`` weights under ``prefix``; with ``overlay`` only those
-    the checkpoint lacks (its own win). Returns how many were taken."""
+    the checkpoint lacks (its own win), and none from a directory that holds only the config.
+    Returns how many were taken."""
     try:
         files = weight_files(tower_dir)
     except GammamodError:
+        if overlay:
+            return 0
         raise GammamodError(f"{tower_dir}: the checkpoint holds no vision tower weights and this tower directory "
                             "has none either (expected model.safetensors or pytorch_model.bin)") from None
     found = taken = 0
@@ -495,10 +496,11 @@ def _index_tower_weights(tower_dir: Path, weights: "WeightIndex", prefix: str, o
             else:
                 continue  # e.g. a full CLIPModel's text tower
             found += 1
-            if overlay and prefix + name in weights.refs:
-                continue
-            weights.add(prefix + name, TensorRef(f, key, shape, dtype))
-            taken += 1
+            if overlay:
+                taken += weights.add_missing(prefix + name, TensorRef(f, key, shape, dtype))
+            else:
+                weights.add(prefix + name, TensorRef(f, key, shape, dtype))
+                taken += 1
     if not found:
         raise GammamodError(f"{tower_dir}: no 'vision_model.*' weights found")
     return taken
@@ -557,6 +559,14 @@ class WeightIndex:
         except Exception as e:  # corrupt or foreign files: say which, in one line
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise GammamodError(f"{path}: cannot read weights ({msg})") from None
+
+    def add_missing(self, name: str, ref: TensorRef) -> bool:
+        """Index ``ref`` under ``name`` unless a tensor already is (the checkpoint's own win over a
+        tower directory's); whether it was added."""
+        if name in self.refs:
+            return False
+        self.refs[name] = ref
+        return True
 
     def add(self, name: str, ref: TensorRef) -> None:
         if name in self.refs:

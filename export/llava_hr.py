@@ -331,8 +331,6 @@ def convnext_processor(size: int) -> dict:
     (``convnext_encoder.py``), not CLIP's. OpenAI CLIP's mean and std, bicubic, ``size`` the bare
     integer ``input_image_size`` (transformers reads it as the shortest edge), a centre crop of
     that size. After the pad to a square in the mean colour the resize is exact and the crop a no-op."""
-    from gammamod.runtime.image import DEFAULT_MEAN, DEFAULT_STD
+    from .checkpoint import default_image_processor
 
-    return {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_normalize": True,
-            "do_resize": True, "image_mean": list(DEFAULT_MEAN), "image_std": list(DEFAULT_STD), "resample": 3,
-            "size": size, "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True}
+    return {**default_image_processor(size), "size": size}
