@@ -60,16 +60,10 @@ SCHEMES = {
 BLOCK_SIZES = (32, 128)
 
 
-def quantized_matmuls(graph: onnx.GraphProto, weight_names: set[str]):
-    """(graph, node) of every MatMul whose B is a quantizable projection weight, in ``graph`` and
-    in the branches of its If nodes (at any depth)."""
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and len(node.input) == 2 \
-                and node.input[1] in weight_names and QUANTIZED_WEIGHT.match(node.input[1]):
-            yield graph, node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from quantized_matmuls(a.g, weight_names)
+def is_quantized_matmul(node: onnx.NodeProto, weight_names: set[str]) -> bool:
+    """A MatMul whose B is a quantizable projection weight (an initializer of ``weight_names``)."""
+    return node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and len(node.input) == 2 \
+        and node.input[1] in weight_names and QUANTIZED_WEIGHT.match(node.input[1]) is not None
 
 
 def _main_initializers(model: onnx.ModelProto) -> set[str]:
@@ -98,8 +92,7 @@ def with_amax_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
         nodes = []
         for node in graph.node:
             nodes.append(node)
-            if node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and len(node.input) == 2 \
-                    and node.input[1] in weights and QUANTIZED_WEIGHT.match(node.input[1]):
+            if is_quantized_matmul(node, weights):
                 key = node.input[0]
                 if key not in found:
                     absval, amax = fresh(key + ".abs"), fresh(key)
@@ -204,10 +197,6 @@ def quantize_model(model: onnx.ModelProto, amax: dict[str, float], scheme: Schem
         counter[0] += 1
         return f"{stem}#{counter[0]}"
 
-    def is_target(node) -> bool:
-        return node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS and len(node.input) == 2 \
-            and node.input[1] in names and QUANTIZED_WEIGHT.match(node.input[1]) is not None
-
     def rewrite(graph: onnx.GraphProto) -> None:
         """Q/DQ before each target MatMul of ``graph`` (once per value in this scope), and the same
         in its If branches."""
@@ -217,7 +206,7 @@ def quantize_model(model: onnx.ModelProto, amax: dict[str, float], scheme: Schem
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     rewrite(a.g)
-            if is_target(node):
+            if is_quantized_matmul(node, names):
                 counter[1] += 1
                 weight, act = node.input[1], node.input[0]
                 if ("w", weight) not in scope:
