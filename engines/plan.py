@@ -22,12 +22,13 @@ and a bundle's ``build.sh`` take their profiles from it, so what the plan says i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from gammamod.errors import GammamodError
+from gammamod.manifest import SHORT_DTYPE
 from gammamod.runtime.kvcache import MIN_WINDOW
 
-from .targets import DEVICES, QUANTIZED, SHORT_DTYPE, TARGETS, Device, check_precision
+from .targets import DEVICES, QUANTIZED, TARGETS, Device, check_precision
 
 GIB, MIB = 1 << 30, 1 << 20
 PROMPT_TEXT_TOKENS = 64  # a prompt's text around its image: the prefill profile's opt length
@@ -56,8 +57,6 @@ class BuildOptions:
     hardware_compat: str = "none"
     version_compatible: bool = False
     mod_ops: str = "plugin"
-    plugin_library: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _bounded(name: str, value, default: int, limit: int, what: str) -> int:
@@ -254,8 +253,9 @@ def make_plan(manifest, opts: BuildOptions, dev: Device | None = None) -> dict:
     if uses_ops:
         from .plugin_library import plugin_identity
 
-        plugin = {**plugin_identity(), **{k: manifest["tensorrt"]["plugin"][k] for k in ("namespace", "version")},
-                  "file": "engines/" + plugin_identity()["library"]}
+        ident = plugin_identity()  # reads and hashes the plugin sources: once
+        plugin = {**ident, **{k: manifest["tensorrt"]["plugin"][k] for k in ("namespace", "version")},
+                  "file": "engines/" + ident["library"]}
     workspace = opts.workspace_mib * MIB
     return {
         "target": {**asdict(dev), "sm": dev.sm, "cuda_architecture": dev.cuda_architecture},

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gammamod.errors import GammamodError
+from gammamod.manifest import SHORT_DTYPE
 
 # Operators the TensorRT 10 ONNX parser supports (default domain). Anything else in the default
 # domain is rejected; TensorRT 11 is checked against the same list (a superset may pass there).
@@ -83,7 +84,6 @@ def target(name: str) -> Target:
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 QUANTIZED = ("fp8", "int8", "int4")  # need the Q/DQ artifact the calib stage writes
-SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # manifest dtype -> precision
 _DATACENTER = ("fp32", "fp16", "bf16", "int8", "int4")
 
 

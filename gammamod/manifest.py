@@ -60,6 +60,7 @@ _ROLE = re.compile(r"^(inputs_embeds|seq_lengths|past_length|span_start|span_len
                    r"kept_indices|above_threshold|capacity)\.\d+)$")
 _GRAPH_KINDS = ("decoder", "vision", "decoder_ort", "decode_ort")
 _DTYPES = ("float32", "float16", "bfloat16")
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # model.dtype -> its precision name
 _STORED_DTYPES = _DTYPES + ("int64", "int32", "int8", "uint8", "int4", "float8e4m3fn")  # quantized weights too
 _PRECISIONS = ("int8", "int4", "fp8")
 ROUTED_MODES = ("static", "threshold")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gammamod.errors import GammamodError
+from gammamod.manifest import SHORT_DTYPE
 
 GOALS = {  # measured on this project's 2-core CPU machine with the bench-size models on ONNX Runtime
     "prefill MoD vs dense, share of the FLOP speedup": 0.9,
@@ -469,13 +470,13 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     label = f"{recipe} {precision} / {backend}" if precision else f"{recipe} / {backend}"
     configs = [Config(label, "runtime", artifact=str(artifact), backend=backend, device=device)]
     manifests = {label: manifest}
-    precisions = {label: precision or _SHORT_DTYPES[manifest["model"]["dtype"]]}
+    precisions = {label: precision or SHORT_DTYPE[manifest["model"]["dtype"]]}
     for other_dir in compare or []:  # the same model at other precisions, timed in the same rounds
         other = read_manifest(other_dir)
         if other["model"]["hidden_size"] != manifest["model"]["hidden_size"] or \
                 other["model"]["num_layers"] != manifest["model"]["num_layers"] or other["recipe"] != manifest["recipe"]:
             raise GammamodError(f"--compare {other_dir}: not the same model as {artifact} (geometry or recipe differ)")
-        other_precision = (other.get("quantization") or {}).get("precision") or _SHORT_DTYPES[other["model"]["dtype"]]
+        other_precision = (other.get("quantization") or {}).get("precision") or SHORT_DTYPE[other["model"]["dtype"]]
         other_label = f"{recipe} {other_precision} / {backend}"
         if other_label in manifests:
             raise GammamodError(f"--compare {other_dir}: a second {other_precision} artifact; compare each precision "
@@ -568,9 +569,6 @@ def run_bench(artifact, reference=None, dense_artifact=None, backend: str = "ort
     return report
 
 
-_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
 def _goal(name: str, value: float) -> dict:
     return {"name": name, "value": value, "target": GOALS[name], "met": value >= GOALS[name]}
 
@@ -586,7 +584,7 @@ def _dense_twin(reference, manifest, out_dir: Path, stage) -> Path:
         if cached["model"] == manifest["model"] and cached["source"]["checkpoint"] == manifest["source"]["checkpoint"]:
             return dense
     stage("exporting the dense baseline")()
-    dtype = _SHORT_DTYPES[manifest["model"]["dtype"]]
+    dtype = SHORT_DTYPE[manifest["model"]["dtype"]]
     export_artifact(reference, dense, ExportOptions(routing="dense", dtype=dtype, force=True,
                                                     max_batch=manifest["kv_cache"]["max_batch"],
                                                     max_seq=manifest["kv_cache"]["max_seq"]))
@@ -599,7 +597,7 @@ def _sweep(reference, manifest, ratios, out_dir, results, dense_label, image, pr
     from gammamod.manifest import read_manifest
     from gammamod.runtime.capacity import decimal_fraction
 
-    dtype = _SHORT_DTYPES[manifest["model"]["dtype"]]
+    dtype = SHORT_DTYPE[manifest["model"]["dtype"]]
     configs = []
     for r in ratios:
         art = out_dir / f"sweep-skip-{r:g}"
