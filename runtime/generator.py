@@ -247,8 +247,8 @@ class Generator:
         """The layer's cache lengths as the graph takes them. An idle row (no new token) with an empty
         cache is shown one entry: attention needs a key to look at (ONNX Runtime's GroupQueryAttention
         refuses a row with none), its output for that row is never used, and nothing is appended."""
-        kv = self.cache.lengths[layer].copy()
-        return np.where((lengths == 0) & (kv == 0), 1, kv)
+        kv = self.cache.lengths[layer]
+        return np.where((lengths == 0) & (kv == 0), 1, kv)  # a new array: the cache is not touched
 
     def _run_portable(self, feeds: dict) -> dict:
         for layer in range(self.layers):

@@ -122,7 +122,9 @@ def create_app(pipeline: Pipeline, config: ServerConfig):
         def put(*event):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(prepared, chat.sampling, on_text=lambda text, token: put("text", text, token),
+        # a plain request reads only the result: no event per token for it
+        on_text = (lambda text, token: put("text", text, token)) if chat.stream else (lambda text, token: None)
+        job = Job(prepared, chat.sampling, on_text=on_text,
                   on_done=lambda result: put("done", result), on_error=lambda message: put("error", message))
         try:
             state["batcher"].submit(job)

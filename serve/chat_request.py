@@ -20,7 +20,7 @@ import binascii
 import io
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 from gammamod.errors import GammamodError
@@ -42,9 +42,6 @@ class RequestError(GammamodError):
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
 
 @dataclass
 class ChatRequest:
@@ -55,7 +52,6 @@ class ChatRequest:
     include_usage: bool = False
     return_token_ids: bool = False
     model: str = ""
-    extras: dict = field(default_factory=dict)
 
 
 @dataclass
